@@ -1,0 +1,109 @@
+"""Configuration: one dataclass per script, parsed by transformers.HfArgumentParser.
+
+Defaults are the tiny CPU run. A script takes CLI flags (`--lr 1e-6`), a YAML file (`train_grpo.py run.yaml`, the
+file's keys are the field names), and `--preset NAME` (the paper's settings), applied in that order of precedence:
+CLI flags > YAML > preset > defaults. Everything a run decides is written next to its outputs (see log.write_run_info).
+"""
+
+import sys
+from dataclasses import asdict, dataclass, field, fields
+
+import yaml
+
+TINY = "tiny"  # the embedded default model/data: built offline on first use (see nanosrpo/tiny.py)
+
+
+@dataclass
+class CommonConfig:
+    out_dir: str = field(default="out/run", metadata={"help": "where checkpoints, metrics.jsonl and samples go"})
+    seed: int = field(default=0, metadata={"help": "seed for data order, sampling and init"})
+    cache_dir: str = field(default="out/tiny", metadata={"help": "where the tiny world (model, data, base/SFT) is cached"})
+    tiny_size: str = field(default="1m", metadata={"help": "tiny model size: 0.2m, 1m or 10m parameters"})
+    text_only: bool = field(default=False, metadata={"help": "tiny world: text-only Qwen2 twin and text grids"})
+    preset: str = field(default="", metadata={"help": "named settings, e.g. qwen2.5-vl-7b (see config.PRESETS)"})
+
+
+@dataclass
+class SFTConfig(CommonConfig):
+    out_dir: str = field(default="out/sft", metadata={"help": "where checkpoints, metrics.jsonl and run.json go"})
+    model: str = field(default=TINY, metadata={"help": "policy to fine-tune: local path, hub id, or 'tiny' (see --stage)"})
+    data: str = field(default=TINY, metadata={"help": "SFT JSONL (messages or sharegpt layout), or 'tiny' (see --stage)"})
+    image_dir: str = field(default="", metadata={"help": "folder image paths resolve against (default: data's folder)"})
+    stage: str = field(
+        default="reflect",
+        metadata={"help": "what 'tiny' means: reflect = tiny base on two-round records; base = random init on one-round"},
+    )
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (paper, 7B: 1e-5; the tiny model needs more)"})
+    epochs: int = field(default=3, metadata={"help": "passes over the data (paper: 1)"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides --epochs when > 0"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch per process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_length: int = field(default=1024, metadata={"help": "records longer than this many tokens (images included) are skipped"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "linear warmup over this fraction of steps, then cosine to 0"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this"})
+    freeze_vision: bool = field(default=True, metadata={"help": "freeze the vision tower and merger (as the reference)"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast on GPU (CPU always trains in fp32)"})
+    bucket: int = field(default=32, metadata={"help": "length bucketing: sort by length within shuffled chunks of this many batches"})
+    save_every: int = field(default=500, metadata={"help": "checkpoint every N optimizer steps (0: only the final one)"})
+    keep: int = field(default=2, metadata={"help": "checkpoints to keep (older ones are deleted; 0: keep all)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out_dir, if there is one"})
+
+
+@dataclass
+class GRPOConfig(CommonConfig):
+    model: str = field(default=TINY, metadata={"help": "initial policy: local path, hub id, or 'tiny' (reflection SFT)"})
+    data: str = field(default=TINY, metadata={"help": "RL JSONL {id, question, image, answer, choices}, or 'tiny'"})
+    image_dir: str = field(default="", metadata={"help": "folder image paths resolve against (default: data's folder)"})
+
+
+@dataclass
+class CurateConfig(CommonConfig):
+    model: str = field(default=TINY, metadata={"help": "policy whose first attempts get reflections"})
+    data: str = field(default=TINY, metadata={"help": "RL-layout JSONL of questions with gold answers"})
+
+
+@dataclass
+class EvalConfig(CommonConfig):
+    model: str = field(default=TINY, metadata={"help": "policy to evaluate: local path, hub id, or 'tiny'"})
+    data: str = field(default=TINY, metadata={"help": "eval JSONL {id, question, image, answer, choices}, or 'tiny'"})
+
+
+# The paper's settings (SRPO, Sec. 4 and appendix) as named presets: field -> value, applied under CLI flags.
+PRESETS: dict[str, dict] = {}
+
+# Cold-start SFT of Qwen2.5-VL-7B-Instruct (paper Sec. 4: lr 1e-5, 1 epoch, frozen ViT; the released config said 3
+# epochs). batch_size x grad_accum x GPUs is our choice (1 x 8 x 8 = 64 sequences per step), not a paper number.
+PRESETS["qwen2.5-vl-7b-sft"] = dict(
+    lr=1e-5, epochs=1, max_length=4096, bf16=True, grad_checkpointing=True, freeze_vision=True, batch_size=1, grad_accum=8,
+    warmup_ratio=0.1, save_every=200,
+)
+
+
+def parse(cls, argv: list[str] | None = None):
+    """Parse `cls` from argv: an optional leading YAML path, then flags; --preset fills in before both."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(cls)
+    from_yaml = {}
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        with open(argv.pop(0)) as f:
+            from_yaml = yaml.safe_load(f) or {}
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(from_yaml) - names)
+        if unknown:
+            raise SystemExit(f"config file: unknown option(s) {unknown}; see --help")
+    preset = from_yaml.get("preset", "")
+    if "--preset" in argv:
+        preset = argv[argv.index("--preset") + 1]
+    if preset and preset not in PRESETS:
+        raise SystemExit(f"unknown --preset {preset!r}; known: {sorted(PRESETS)}")
+    parser.set_defaults(**{**PRESETS.get(preset, {}), **from_yaml})
+    (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return asdict(cfg)

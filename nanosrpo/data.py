@@ -1,0 +1,245 @@
+"""Records in, model inputs out: reading + validating JSONL, images, chat rendering, collation.
+
+Two on-disk layouts, both JSONL with images as files next to them (or under --image_dir):
+  RL / eval records:  {"id", "question", "image" (path or list of paths, optional), "answer", "choices" (optional)}
+  SFT chat records:   {"messages": [{"role", "content": str | [{"type": "image", "image": path} | {"type": "text",
+                      "text": str}]}]}  or LLaMA-Factory's sharegpt layout: {"messages" | "conversations": [...],
+                      "images": [paths]} with one "<image>" placeholder in the text per image.
+Every error names the file, the line and the field, because a bad record found mid-run costs a run.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+IGNORE = -100  # label of tokens that carry no loss (prompt, system, user, image tokens, padding)
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class DataError(ValueError):
+    """A bad record: the message starts with 'file:line:' and names the field."""
+
+
+def _read_jsonl(path: Path):
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{lineno}: a record must be a JSON object, got {type(rec).__name__}")
+            yield lineno, rec
+
+
+def _image_path(value, where: str, field: str, image_dir: Path) -> str:
+    if not isinstance(value, str) or not value:
+        raise DataError(f"{where}: field '{field}' must be an image path string, got {value!r}")
+    p = Path(value) if Path(value).is_absolute() else image_dir / value
+    if not p.is_file():
+        raise DataError(f"{where}: field '{field}': image file not found: {p}")
+    return str(p)
+
+
+def load_rl_records(path: str | Path, image_dir: str | Path | None = None) -> list[dict]:
+    """Read and validate RL/eval records. Images resolve against image_dir (default: the file's folder).
+
+    Gold answers are checked once here (rewards.validate_gold), never per rollout.
+    """
+    from nanosrpo.rewards import validate_gold
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    image_dir = Path(image_dir) if image_dir else path.parent
+    records, seen = [], set()
+    for lineno, rec in _read_jsonl(path):
+        where = f"{path}:{lineno}"
+        for field in ("question", "answer"):
+            if not isinstance(rec.get(field), (str, int, float)) or str(rec.get(field)).strip() == "":
+                raise DataError(f"{where}: field '{field}' is missing or empty")
+        rid = str(rec.get("id", f"{path.stem}-{lineno}"))
+        if rid in seen:
+            raise DataError(f"{where}: field 'id': duplicate id {rid!r}")
+        seen.add(rid)
+        images = rec.get("image") or []
+        images = [images] if isinstance(images, str) else images
+        if not isinstance(images, list):
+            raise DataError(f"{where}: field 'image' must be a path or a list of paths")
+        images = [_image_path(v, where, "image", image_dir) for v in images]
+        choices = rec.get("choices")
+        if choices is not None and (not isinstance(choices, list) or not choices or len(choices) > len(LETTERS)):
+            raise DataError(f"{where}: field 'choices' must be a non-empty list of at most {len(LETTERS)} options")
+        answer = str(rec["answer"]).strip()
+        try:
+            validate_gold(answer, choices)
+        except ValueError as e:
+            raise DataError(f"{where}: field 'answer': {e}") from None
+        records.append({"id": rid, "question": str(rec["question"]), "images": images, "answer": answer, "choices": choices})
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def question_text(rec: dict) -> str:
+    """The question as the policy reads it; multiple-choice options are listed as 'A. option' lines."""
+    if not rec.get("choices"):
+        return rec["question"]
+    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(rec["choices"]))
+    return f"{rec['question']}\nChoices:\n{options}"
+
+
+def prompt_messages(rec: dict, system: str) -> list[dict]:
+    """Chat messages of an RL/eval prompt: the system instruction, then the images and the question."""
+    content = [{"type": "image", "image": p} for p in rec["images"]] + [{"type": "text", "text": question_text(rec)}]
+    return [{"role": "system", "content": system}, {"role": "user", "content": content}]
+
+
+def load_image(path: str) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------------- SFT records
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _sharegpt_to_messages(turns: list, images: list[str], where: str) -> list[dict]:
+    """LLaMA-Factory sharegpt: '<image>' placeholders in the text take the record's images in order."""
+    messages, used = [], 0
+    for i, t in enumerate(turns):
+        role = _ROLES.get(t.get("role", t.get("from")))
+        text = t.get("content", t.get("value"))
+        if role is None or not isinstance(text, str):
+            raise DataError(f"{where}: field 'messages[{i}]' needs a role/from in {sorted(_ROLES)} and string content")
+        parts = text.split("<image>")
+        content = []
+        for j, part in enumerate(parts):
+            if j > 0:
+                if used >= len(images):
+                    raise DataError(f"{where}: field 'images': more <image> placeholders than images ({len(images)})")
+                content.append({"type": "image", "image": images[used]})
+                used += 1
+            if part:
+                content.append({"type": "text", "text": part})
+        messages.append({"role": role, "content": text if len(parts) == 1 else content})
+    if used != len(images):
+        raise DataError(f"{where}: field 'images': {len(images)} images but {used} <image> placeholders")
+    return messages
+
+
+def load_sft_records(path: str | Path, image_dir: str | Path | None = None) -> list[dict]:
+    """Read chat records (messages layout or sharegpt) into {"id", "messages"} with absolute image paths."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    image_dir = Path(image_dir) if image_dir else path.parent
+    records = []
+    for lineno, rec in _read_jsonl(path):
+        where = f"{path}:{lineno}"
+        turns = rec.get("messages", rec.get("conversations"))
+        if not isinstance(turns, list) or not turns:
+            raise DataError(f"{where}: field 'messages' is missing or not a non-empty list")
+        if "images" in rec:
+            images = [_image_path(v, where, "images", image_dir) for v in rec["images"] or []]
+            messages = _sharegpt_to_messages(turns, images, where)
+        else:
+            messages = []
+            for i, m in enumerate(turns):
+                if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                    raise DataError(f"{where}: field 'messages[{i}].role' must be system, user or assistant")
+                content = m.get("content")
+                if isinstance(content, list):
+                    content = [dict(c) for c in content]
+                    for c in content:
+                        if c.get("type") == "image":
+                            c["image"] = _image_path(c.get("image"), where, f"messages[{i}].content.image", image_dir)
+                        elif c.get("type") != "text" or not isinstance(c.get("text"), str):
+                            raise DataError(f"{where}: field 'messages[{i}].content' items are image or text parts")
+                elif not isinstance(content, str):
+                    raise DataError(f"{where}: field 'messages[{i}].content' must be a string or a list of parts")
+                messages.append({"role": m["role"], "content": content})
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: field 'messages' has no assistant turn to learn from")
+        records.append({"id": str(rec.get("id", f"{path.stem}-{lineno}")), "messages": messages})
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def message_images(messages: list[dict]) -> list[str]:
+    return [c["image"] for m in messages if isinstance(m["content"], list) for c in m["content"] if c.get("type") == "image"]
+
+
+# ----------------------------------------------------------------------------------------------------- tokenizing
+def tokenizer_of(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def encode(processor, text: str, images: list[Image.Image]) -> list[int]:
+    """Token ids of rendered chat text, each <|image_pad|> expanded to the image's number of vision tokens."""
+    if images:
+        return processor(text=[text], images=images, return_tensors="pt")["input_ids"][0].tolist()
+    return tokenizer_of(processor)(text, add_special_tokens=False)["input_ids"]
+
+
+def assistant_mask(ids: list[int], tokenizer) -> list[int]:
+    """1 on assistant tokens (content and its closing <|im_end|>), 0 elsewhere.
+
+    Found on the token ids, not on text offsets: an assistant turn is `<|im_start|>assistant\\n ... <|im_end|>` in every
+    Qwen chat template, so the span after that header up to and including <|im_end|> is what the model must learn.
+    """
+    header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    mask, i, n = [0] * len(ids), 0, len(header)
+    while i < len(ids):
+        if ids[i : i + n] == header:
+            j = i + n
+            while j < len(ids) and ids[j] != end:
+                mask[j] = 1
+                j += 1
+            if j < len(ids):
+                mask[j] = 1  # the model must learn to stop
+            i = j + 1
+        else:
+            i += 1
+    return mask
+
+
+def tokenize_chat(processor, messages: list[dict]) -> dict:
+    """{"input_ids", "loss_mask", "images"} of a full chat (SFT): loss only on assistant tokens."""
+    images = [load_image(p) for p in message_images(messages)]
+    text = processor.apply_chat_template(messages, tokenize=False)
+    ids = encode(processor, text, images)
+    return {"input_ids": ids, "loss_mask": assistant_mask(ids, tokenizer_of(processor)), "images": images}
+
+
+def collate(processor, samples: list[dict], pad_side: str = "right") -> dict:
+    """Pad samples {"input_ids", "loss_mask", "images"} into model inputs.
+
+    Returns input_ids, attention_mask, loss_mask (1 = a token to learn), labels (IGNORE where loss_mask is 0), and for
+    images pixel_values, image_grid_thw and mm_token_type_ids (Qwen2.5-VL needs the last to build M-RoPE positions).
+    """
+    tok = tokenizer_of(processor)
+    width = max(len(s["input_ids"]) for s in samples)
+    ids = torch.full((len(samples), width), tok.pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(samples), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for b, s in enumerate(samples):
+        n = len(s["input_ids"])
+        sl = slice(0, n) if pad_side == "right" else slice(width - n, width)
+        ids[b, sl] = torch.tensor(s["input_ids"])
+        attn[b, sl] = 1
+        loss_mask[b, sl] = torch.tensor(s["loss_mask"])
+    batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
+    batch["labels"] = ids.masked_fill(loss_mask == 0, IGNORE)
+    images = [im for s in samples for im in s.get("images", [])]
+    if images:
+        vision = processor.image_processor(images=images, return_tensors="pt")
+        batch["pixel_values"], batch["image_grid_thw"] = vision["pixel_values"], vision["image_grid_thw"]
+        batch["mm_token_type_ids"] = (ids == tok.convert_tokens_to_ids("<|image_pad|>")).long()
+    return batch

@@ -1,0 +1,35 @@
+"""The instructions the policy and the teacher see. Text only: no logic lives here.
+
+SRPO_SYSTEM asks for the two-round format the reflection reward pays for (paper Sec. 3):
+  <think>R1</think> <answer>A1</answer> <reflection>F</reflection> <think>R2</think> <answer>A2</answer>
+GRPO_SYSTEM asks for the one-round format of the plain GRPO baseline.
+"""
+
+SRPO_SYSTEM = (
+    "You are a careful assistant. First think step by step inside <think> </think> and give your answer inside "
+    "<answer> </answer>. Then check your work inside <reflection> </reflection>: say what was right or wrong. "
+    "Then think again inside <think> </think> and give your final answer inside <answer> </answer>."
+)
+
+GRPO_SYSTEM = (
+    "You are a careful assistant. First think step by step inside <think> </think>, "
+    "then give your answer inside <answer> </answer>."
+)
+
+# The reflection teacher (curate.py): it sees the question, the gold answer and the policy's first attempt, and writes
+# the reflection plus a corrected second round. On the tiny world the oracle in synthetic.py plays this role.
+TEACHER_PROMPT = (
+    "You are reviewing a student's solution.\n"
+    "Question: {question}\n"
+    "Correct answer: {answer}\n"
+    "Student's reasoning: {think}\n"
+    "Student's answer: {student_answer}\n\n"
+    "Write a short reflection inside <reflection> </reflection> that says which steps were right and which were wrong "
+    "(without simply revealing the correct answer), then a corrected solution as <think> </think> <answer> </answer>. "
+    "If the student was right, the reflection confirms why and the new solution may be more concise."
+)
+
+
+def system_prompt(reflection: bool) -> str:
+    """The system prompt for an SRPO (two-round) or a plain GRPO (one-round) policy."""
+    return SRPO_SYSTEM if reflection else GRPO_SYSTEM

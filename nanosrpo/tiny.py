@@ -1,0 +1,53 @@
+"""The embedded default: the tiny offline world, built on first use and cached.
+
+`accelerate launch train_grpo.py` with no arguments must run with no network, so every piece of the usual pipeline has a
+tiny stand-in made here: a random Qwen2.5-VL-architecture policy + tokenizer (model.build_tiny), and the synthetic
+grid-counting task (synthetic.py) written as real JSONL + PNG datasets. Building takes seconds; later runs reuse it.
+
+Layout under cache_dir/<size>[-text]/:
+  init/                  random-init policy (save_pretrained)
+  data/train.jsonl       RL records            data/eval.jsonl   held-out eval records
+  data/sft_base.jsonl    one-round chains of thought (stand-in for the pretrained Instruct model's skills)
+  data/sft_reflect.jsonl two-round oracle responses (the reflection cold start, ~30% correct / 70% flawed)
+"""
+
+import shutil
+import time
+from pathlib import Path
+
+from nanosrpo import model, prompts, synthetic
+
+N_TRAIN, N_EVAL, N_SFT = 4000, 200, 2000
+TRAIN_SEED, EVAL_SEED, SFT_SEED = 1, 2, 3  # disjoint seeds: eval problems are never trained on
+
+
+def world_dir(cache_dir: str, size: str, text_only: bool) -> Path:
+    return Path(cache_dir) / (f"{size}-text" if text_only else size)
+
+
+def ensure_world(cache_dir: str, size: str = "1m", text_only: bool = False, difficulty: int = 1) -> dict[str, str]:
+    """Build (once) and return the paths of the tiny world. Call on one process at a time (main_process_first)."""
+    root = world_dir(cache_dir, size, text_only)
+    paths = {
+        "root": str(root),
+        "init": str(root / "init"),
+        "train": str(root / "data" / "train.jsonl"),
+        "eval": str(root / "data" / "eval.jsonl"),
+        "sft_base": str(root / "data" / "sft_base.jsonl"),
+        "sft_reflect": str(root / "data" / "sft_reflect.jsonl"),
+    }
+    if (root / "DONE").exists():
+        return paths
+    t0 = time.time()
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    info = model.build_tiny(tmp / "init", size=size, text_only=text_only)
+    d = tmp / "data"
+    synthetic.write_rl_split(d, "train", N_TRAIN, TRAIN_SEED, difficulty, text_only)
+    synthetic.write_rl_split(d, "eval", N_EVAL, EVAL_SEED, difficulty, text_only)
+    synthetic.write_sft_split(d, "sft_base", N_SFT, SFT_SEED, prompts.GRPO_SYSTEM, difficulty, False, text_only=text_only)
+    synthetic.write_sft_split(d, "sft_reflect", N_SFT, SFT_SEED, prompts.SRPO_SYSTEM, difficulty, True, text_only=text_only)
+    (tmp / "DONE").write_text(f"params={info['params']} seconds={time.time() - t0:.1f}\n")
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)  # atomic: a half-built world is never mistaken for a finished one
+    return paths
