@@ -1,0 +1,176 @@
+"""GRPO maths: group-relative advantages, the clipped policy loss, and per-token log-probabilities.
+
+SRPO's RL stage is GRPO with a reflection-aware reward (the reward lives in rewards.py); the optimisation itself is
+plain GRPO (Shao et al. 2024, DeepSeekMath), with the variants people compare against selectable by argument:
+  - GRPO:     advantages normalised by the group std, loss averaged per sequence then over sequences.
+  - DAPO:     asymmetric clipping (clip_high > clip_low, "clip-higher") and a token-level mean over the whole batch.
+  - Dr. GRPO: no std normalisation, and token sums divided by a constant length instead of each sequence's length.
+
+Three pure functions, no I/O, no sampling:
+  group_advantages(rewards, group_size)          -> [N]      one advantage per completion
+  policy_loss(logprobs, old, adv, mask, ...)     -> loss, stats
+  sequence_logprobs(model, batch)                -> [B, T]   log p(token_t | tokens_<t), 0 at t = 0
+"""
+
+from typing import Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+
+# Batch keys that are inputs of a HF (multimodal) causal LM forward. Anything else a collator puts in the batch
+# (completion_mask, labels, advantages, ...) stays out of the forward; `labels` in particular would make HF compute
+# its own cross-entropy over the full vocabulary, which is exactly the memory we are trying not to spend.
+MODEL_INPUT_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "second_per_grid_ts",
+    "mm_token_type_ids",
+)
+
+
+# ----------------------------------------------------------------------------------------------------- advantages
+def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """Group-relative advantages: each completion is compared with the other completions of the same prompt.
+
+    `rewards` is 1-D with the `group_size` completions of one prompt adjacent. Returns a tensor of the same shape.
+    A group whose rewards are all equal carries no learning signal and gets advantages of exactly 0 (never NaN);
+    that includes group_size = 1, where the unbiased std of one element is undefined.
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D, got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"len(rewards)={rewards.numel()} is not a multiple of group_size={group_size}")
+    r = (rewards if rewards.is_floating_point() else rewards.float()).view(-1, group_size)
+    adv = r - r.mean(dim=1, keepdim=True)  # Dr. GRPO: A_i = r_i - mean(r_group)
+    if normalize_std and group_size > 1:
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)  # GRPO (DeepSeekMath 4.1.2): A_i = (r_i - mean) / std, unbiased
+    # Exact zeros for constant groups: r - mean(r) can be ~1e-8 in float32 (eight rewards of 0.1), and dividing that
+    # by std + eps ~ 1e-6 would turn rounding noise into an advantage of -0.0074 for every completion of the group.
+    constant = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)
+    return torch.where(constant, torch.zeros_like(adv), adv).view(-1)
+
+
+# ----------------------------------------------------------------------------------------------------- loss
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    aggregation: str = "seq-mean-token-mean",
+    max_len: Optional[int] = None,
+) -> tuple[torch.Tensor, dict]:
+    """The clipped surrogate loss of GRPO (PPO's objective with group-relative advantages), to be minimised.
+
+    logprobs [B, T] carries the gradient; old_logprobs [B, T] (the sampling policy) and ref_logprobs [B, T] (the frozen
+    reference) are constants; advantages [B] is one number per sequence, broadcast to its tokens; mask [B, T] is 1 on
+    completion tokens. Positions where mask is 0 contribute nothing, whatever value they hold (even inf/NaN-prone ones).
+    Returns (scalar loss, stats) where stats are python floats over the valid tokens.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+    valid = mask.bool()
+    m = valid.to(logprobs.dtype)
+    A = advantages.to(logprobs.dtype).unsqueeze(1)  # [B, 1]: every token of a completion shares its advantage
+
+    # Zero the log-ratio on padding *before* exp: a garbage pad value could overflow to inf, and inf * 0 = NaN
+    # would leak into the loss and its gradient (torch.where passes no gradient to the unselected branch).
+    log_ratio = torch.where(valid, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
+    ratio = torch.exp(log_ratio)  # PPO / GRPO importance ratio pi_theta / pi_old, per token
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)  # DAPO clip-higher: separate low and high epsilons
+    per_token = -torch.min(ratio * A, clipped * A)  # GRPO eq. 3: pessimistic (min) of unclipped and clipped surrogate
+
+    kl = torch.zeros_like(logprobs)
+    if ref_logprobs is not None:
+        # GRPO eq. 4 (Schulman's k3 estimator, unbiased and >= 0): KL = exp(ref - logp) - (ref - logp) - 1
+        d = torch.where(valid, ref_logprobs.detach() - logprobs, torch.zeros_like(logprobs))
+        kl = torch.exp(d) - d - 1.0
+        per_token = per_token + kl_coef * kl  # GRPO adds beta * KL per token (not in the reward)
+
+    per_token = per_token * m  # mask is exactly 0 on padding, and the values there are finite by construction
+    n_tokens = m.sum(dim=1).clamp(min=1.0)  # >= 1 so a completion with no valid token gives 0, not NaN
+    if aggregation == "seq-mean-token-mean":  # GRPO (and the SRPO runs): mean over each sequence, then over sequences
+        loss = (per_token.sum(dim=1) / n_tokens).mean()
+    elif aggregation == "token-mean":  # DAPO: every valid token in the batch weighs the same, long answers count more
+        loss = per_token.sum() / m.sum().clamp(min=1.0)
+    else:  # Dr. GRPO: token sum over a constant length, so the loss has no per-sequence length bias
+        loss = (per_token.sum(dim=1) / (max_len if max_len is not None else mask.shape[1])).mean()
+
+    with torch.no_grad():
+        n = m.sum().clamp(min=1.0)
+        low = (A < 0) & (ratio < 1.0 - clip_low) & valid  # clipped branch active on the low side: gradient is 0
+        high = (A > 0) & (ratio > 1.0 + clip_high) & valid  # ... and on the high side
+        stats = {
+            "clip_ratio_low": (low.sum() / n).item(),
+            "clip_ratio_high": (high.sum() / n).item(),
+            "clip_ratio": ((low | high).sum() / n).item(),
+            "ratio_mean": ((ratio * m).sum() / n).item(),
+            "kl": ((kl * m).sum() / n).item(),  # 0.0 without a reference model
+        }
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------- log-probs
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / temperature)[target] for rows of logits [N, V], as target logit minus logsumexp."""
+    logits = logits.float() / temperature  # float32 here, and only here: one chunk at a time
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+
+
+def sequence_logprobs(
+    model,
+    batch: dict,
+    logits_to_keep: Optional[int] = None,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-token log-probabilities [B, T]: out[:, t] = log p(input_ids[:, t] | input_ids[:, :t]); out[:, 0] = 0.
+
+    One forward pass over the whole batch (text, images, M-RoPE positions: Qwen2.5-VL derives its 3-D position ids
+    from input_ids, attention_mask and image_grid_thw when position_ids are not given, so left or right padding both
+    work). Positions where attention_mask is 0 are 0; callers multiply by their completion mask anyway.
+
+    logits_to_keep=K scores only the last K positions (the rest are 0) and asks the model for just K + 1 logit rows,
+    which is the saving when prompts are left-padded and completions sit at the end of the row.
+    temperature: rollouts sampled at temperature tau must be scored with logits / tau.
+
+    Memory (the chunking): the model returns logits [B, T, V] in its own dtype (bf16 in training); upcasting that to
+    float32 and taking log_softmax would add two more full-vocabulary tensors (V = 152k for Qwen2.5-VL). Instead we
+    walk over the flattened B*T rows `chunk_size` at a time and compute target-logit minus logsumexp in float32 per
+    chunk. With gradients on, each chunk runs under activation checkpointing, so backward does not keep every chunk's
+    float32 copy alive: it re-computes one chunk at a time. Numbers equal a plain full log_softmax + gather.
+    """
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+    input_ids = inputs["input_ids"]
+    B, T = input_ids.shape
+    if logits_to_keep is not None:
+        inputs["logits_to_keep"] = logits_to_keep + 1  # +1: the row before the first kept token predicts it
+    logits = model(**inputs, use_cache=False).logits  # [B, K, V], K = T or logits_to_keep + 1
+    K = logits.shape[1]
+
+    # logits[:, j] predicts the token after it; the last row predicts past the end and is dropped below.
+    targets = input_ids[:, T - K + 1 :]  # [B, K - 1]
+    targets = torch.cat([targets, torch.zeros_like(targets[:, :1])], dim=1)  # dummy target for the dropped row
+    flat_logits, flat_targets = logits.reshape(B * K, -1), targets.reshape(B * K)  # a view: logits are contiguous
+
+    use_ckpt = torch.is_grad_enabled() and flat_logits.requires_grad
+    parts = []
+    for s in range(0, B * K, chunk_size):
+        args = (flat_logits[s : s + chunk_size], flat_targets[s : s + chunk_size], temperature)
+        parts.append(checkpoint(_token_logprobs, *args, use_reentrant=False) if use_ckpt else _token_logprobs(*args))
+    scored = torch.cat(parts).view(B, K)[:, :-1]  # [B, K - 1]: log-probs of tokens T-K+1 .. T-1
+
+    out = torch.cat([scored.new_zeros(B, T - K + 1), scored], dim=1)  # [B, T]; position 0 has no context
+    if "attention_mask" in inputs:
+        out = out * inputs["attention_mask"].to(out.dtype)  # padding is not a token of the sample
+    return out
