@@ -1,11 +1,211 @@
-"""train_sft.py: reflection-oriented cold-start SFT (SRPO stage 1). (In progress.)"""
+"""Supervised fine-tuning on chat records: SRPO's reflection-oriented cold start (stage 1), and the tiny world's base.
 
-from nanosrpo import config
+    accelerate launch train_sft.py                  # tiny world: the reflection cold start of the tiny base model
+    python train_sft.py --stage base                # tiny world: the base model itself (random init, one-round CoT)
+    accelerate launch train_sft.py --preset qwen2.5-vl-7b-sft --model Qwen/Qwen2.5-VL-7B-Instruct \\
+        --data sft.jsonl --image_dir images/ --out_dir out/sft-7b
+    python train_sft.py --help                      # every option; a YAML file of options may come first
+
+--stage only says what "tiny" means for --model and --data:
+  reflect (default)  model = the tiny base (trained on first use and cached, see tiny.ensure_policy),
+                     data = the tiny world's two-round oracle records (sft_reflect.jsonl, ~30/70 correct/flawed)
+  base               model = the tiny world's random init, data = one-round chains of thought (sft_base.jsonl): the
+                     stand-in for the pretrained Instruct model that real users start from
+tiny.ensure_policy runs exactly these two commands (with their defaults) to build and cache both tiny policies.
+
+The algorithm: every record becomes token ids + a loss mask that is 1 only on assistant tokens; records are batched
+by length (little padding); the loss is the cross-entropy summed over assistant tokens and divided by the number of
+assistant tokens in the whole optimizer step (all micro-batches, all processes), so every target token weighs the
+same; AdamW with a linear warmup then cosine decay, gradient clipping. The vision tower and merger are frozen by
+default, as in the reference runs.
+
+Writes to --out_dir: run.json (config, versions, data hash), metrics.jsonl (per step: loss, lr, grad_norm, tokens_per_s,
+padding_frac), and checkpoint-{step}/ every --save_every steps and at the end; each holds state/ (for --resume: model,
+optimizer, scheduler, RNG, data position) and policy/ (save_pretrained: what train_grpo.py --model takes). The last
+checkpoint's policy/ is the result, and the script prints its path.
+"""
+
+import hashlib
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from nanosrpo import checkpoint, config, data, log, model, tiny
+from nanosrpo.data import IGNORE
 
 
 def main(argv=None):
-    config.parse(config.SFTConfig, argv)
-    raise SystemExit("train_sft.py is not implemented yet.")
+    cfg = config.parse(config.SFTConfig, argv)
+    if cfg.stage not in ("base", "reflect"):
+        raise SystemExit(f"--stage must be base or reflect, got {cfg.stage!r}")
+    # Mixed precision keeps fp32 master weights and runs the matmuls in bf16; CPUs train in plain fp32. The scheduler
+    # is stepped by us once per optimizer step (accelerate would otherwise step it once per process). cpu=True on a
+    # machine without GPUs makes `torchrun --nproc_per_node N train_sft.py` DDP over gloo.
+    gpu = torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=not gpu, mixed_precision="bf16" if cfg.bf16 and gpu else "no", step_scheduler_with_optimizer=False
+    )
+    is_main, world = accelerator.is_main_process, accelerator.num_processes
+    set_seed(cfg.seed)
+    out_dir = Path(cfg.out_dir)
+    resume_from = checkpoint.latest_checkpoint(out_dir)  # None: a fresh run
+    if resume_from is not None and not cfg.resume:
+        raise SystemExit(f"{out_dir} already has {resume_from.name}: pass --resume to continue it, or a new --out_dir")
+
+    # ---- the policy and the data. "tiny" is the offline tiny world, built on first use (one process at a time).
+    with accelerator.main_process_first():
+        if config.TINY in (cfg.model, cfg.data):
+            world_paths = tiny.ensure_world(cfg.cache_dir, cfg.tiny_size, cfg.text_only)
+        if cfg.model != config.TINY:
+            model_path = cfg.model
+        elif cfg.stage == "base":
+            model_path = world_paths["init"]
+        else:
+            model_path = tiny.ensure_policy(cfg.cache_dir, cfg.tiny_size, cfg.text_only, stage="base")
+        data_path = cfg.data if cfg.data != config.TINY else world_paths["sft_base" if cfg.stage == "base" else "sft_reflect"]
+    policy, processor = model.load_policy(model_path)  # fp32 weights: the optimizer's master copy
+    n_frozen = model.freeze_vision(policy) if cfg.freeze_vision else 0
+    if cfg.grad_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.config.use_cache = False
+
+    # ---- records -> token ids + assistant-only loss mask. Images are re-read per batch, not held in memory.
+    records = data.load_sft_records(data_path, cfg.image_dir or None)
+    samples = []
+    for rec in tqdm(records, desc="tokenizing", disable=not is_main):
+        s = data.tokenize_chat(processor, rec["messages"])
+        # Too long: skipped rather than cut, since a cut could split an image's tokens or drop the closing <|im_end|>.
+        if len(s["input_ids"]) <= cfg.max_length:
+            samples.append({"input_ids": s["input_ids"], "loss_mask": s["loss_mask"], "images": data.message_images(rec["messages"])})
+    n_skipped = len(records) - len(samples)
+    if n_skipped and is_main:
+        print(f"skipped {n_skipped}/{len(records)} records longer than --max_length {cfg.max_length}")
+
+    # ---- the batch plan: every optimizer step's micro-batches, fixed by the seed, so a resumed run sees the same data.
+    # A global micro-batch holds batch_size sequences per process, similar in length (see length_bucketed_batches).
+    lengths = [len(s["input_ids"]) for s in samples]
+    per_epoch = len(length_bucketed_batches(lengths, cfg.batch_size * world, cfg.bucket, cfg.seed))
+    steps_per_epoch = per_epoch // cfg.grad_accum
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+    if total_steps <= 0 or per_epoch == 0:
+        raise SystemExit(
+            f"{len(samples)} usable records make no full optimizer step of {cfg.batch_size} x {world} processes x "
+            f"{cfg.grad_accum} accumulation; lower --batch_size/--grad_accum or add data"
+        )
+    n_epochs = math.ceil(total_steps * cfg.grad_accum / per_epoch)
+    plan = [b for e in range(n_epochs) for b in length_bucketed_batches(lengths, cfg.batch_size * world, cfg.bucket, cfg.seed + e)]
+    plan_sha = hashlib.sha256(json.dumps([plan[: total_steps * cfg.grad_accum], lengths]).encode()).hexdigest()[:16]
+
+    # ---- optimizer, schedule, and (when resuming) everything as it was at the checkpoint.
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    start_step = 0
+    if resume_from is not None:
+        state = checkpoint.load_checkpoint(accelerator, resume_from)
+        if state.get("plan_sha") != plan_sha:
+            raise SystemExit(
+                f"{resume_from}: the batch plan changed (data, --batch_size, --grad_accum, --epochs/--max_steps, --bucket, "
+                f"--seed or the number of processes); resume with the same settings or start a new --out_dir"
+            )
+        start_step = state["step"]
+    metrics = log.MetricsWriter(out_dir, enabled=is_main, resume_step=start_step if resume_from else None)
+    if is_main:
+        log.write_run_info(
+            out_dir, cfg, data=data_path, model_path=model_path, records=len(records), skipped_too_long=n_skipped,
+            world_size=world, total_steps=total_steps, frozen_vision_tensors=n_frozen,
+            resumed_from=str(resume_from) if resume_from else None,
+        )
+        n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+        print(f"{model_path}: {n_train / 1e6:.2f}M trainable parameters; {len(samples)} records from {data_path}; "
+              f"{total_steps} steps of {cfg.batch_size * world * cfg.grad_accum} sequences; out_dir {out_dir}")
+
+    # ---- the training loop: one optimizer step per iteration, grad_accum micro-batches each.
+    policy.train()
+    pbar = tqdm(total=total_steps, initial=start_step, desc="sft", disable=not is_main)
+    rank = accelerator.process_index
+    for step in range(start_step, total_steps):
+        t0 = time.time()
+        micro = plan[step * cfg.grad_accum : (step + 1) * cfg.grad_accum]
+        mine = [[samples[i] for i in b[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]] for b in micro]
+        # Normalise by the assistant tokens of the whole step on all processes: the mean over the accumulated batch.
+        # (Token t is predicted from position t-1, so the first token of a sequence is never a target.)
+        n_local = sum(sum(s["loss_mask"][1:]) for mb in mine for s in mb)
+        n_target = accelerator.reduce(torch.tensor(n_local, device=accelerator.device), "sum").item()
+        loss_sum = torch.zeros((), device=accelerator.device)
+        n_real = n_padded = 0
+        for i, mb in enumerate(mine):
+            batch = data.collate(processor, [{**s, "images": [data.load_image(p) for p in s["images"]]} for s in mb])
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            n_real, n_padded = n_real + batch["attention_mask"].sum().item(), n_padded + batch["attention_mask"].numel()
+            inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_mask")}
+            # Gradients are all-reduced only on the last micro-batch of the step.
+            with accelerator.no_sync(policy) if i < len(mine) - 1 else nullcontext(), accelerator.autocast():
+                logits = policy(**inputs).logits[:, :-1]
+                targets = batch["labels"][:, 1:]
+                mb_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+                # DDP/FSDP average gradients over processes; multiplying by `world` turns that average into the sum.
+                accelerator.backward(mb_loss * world / n_target)
+            loss_sum += mb_loss.detach()
+        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # ---- metrics (summed over processes), progress, checkpoints.
+        totals = accelerator.reduce(torch.tensor([loss_sum.item(), n_real, n_padded], device=accelerator.device), "sum").tolist()
+        row = {
+            "step": step + 1,
+            "loss": totals[0] / n_target,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": totals[1] / (time.time() - t0),
+            "padding_frac": 1 - totals[1] / totals[2],
+            "epoch": (step + 1) * cfg.grad_accum / per_epoch,
+        }
+        metrics.write(row)
+        pbar.update(1)
+        pbar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", pad=f"{row['padding_frac']:.2f}")
+        if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or step + 1 == total_steps:
+            state = {"micro_batch": (step + 1) * cfg.grad_accum, "plan_sha": plan_sha, "epoch": row["epoch"]}
+            checkpoint.save_checkpoint(accelerator, policy, processor, out_dir, step + 1, state, keep=cfg.keep)
+    pbar.close()
+    metrics.close()
+    final = checkpoint.latest_checkpoint(out_dir)
+    if is_main:
+        print(f"done: {final / 'policy'}")
+    accelerator.end_training()
+    return final
+
+
+def length_bucketed_batches(lengths: list[int], batch_size: int, bucket: int, seed: int) -> list[list[int]]:
+    """One epoch of batches (lists of record indices) whose records have similar lengths, so padding stays small.
+
+    Shuffle all records, cut them into chunks of `bucket` batches, sort each chunk by length and cut it into batches,
+    then shuffle the batches: the order stays random (a chunk is a random sample), only neighbours in length share a
+    batch. A last incomplete batch is dropped, so every process always gets a full share.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    for start in range(0, len(order), batch_size * bucket):
+        chunk = sorted(order[start : start + batch_size * bucket], key=lambda i: lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    batches = [b for b in batches if len(b) == batch_size]
+    rng.shuffle(batches)
+    return batches
 
 
 if __name__ == "__main__":

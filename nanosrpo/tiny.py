@@ -51,3 +51,50 @@ def ensure_world(cache_dir: str, size: str = "1m", text_only: bool = False, diff
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)  # atomic: a half-built world is never mistaken for a finished one
     return paths
+
+
+def ensure_policy(cache_dir: str, size: str = "1m", text_only: bool = False, stage: str = "reflect") -> str:
+    """Path of the tiny world's base (stage="base") or reflection-SFT (stage="reflect") policy, trained on first use.
+
+    base    = the random init trained on data/sft_base.jsonl (one-round chains): the stand-in for a pretrained model
+    reflect = base trained on data/sft_reflect.jsonl (two-round oracle responses): the reflection cold start
+    Each is `python train_sft.py --stage STAGE` with train_sft.py's defaults, run in a child process, cached as
+    <world>/base and <world>/reflect (save_pretrained dirs; the runs' metrics.jsonl and run.json stay in
+    <world>/<stage>-run). Delete those to rebuild. Call on one process at a time (accelerator.main_process_first()).
+    """
+    import os
+    import subprocess
+    import sys
+
+    from nanosrpo.checkpoint import latest_checkpoint
+
+    if stage not in ("base", "reflect"):
+        raise ValueError(f"stage must be 'base' or 'reflect', got {stage!r}")
+    cache_dir = str(Path(cache_dir).resolve())  # the child runs in the repo root
+    root = world_dir(cache_dir, size, text_only)
+    dest = root / stage
+    if (dest / "config.json").exists():
+        return str(dest)
+    ensure_world(cache_dir, size, text_only)
+    if stage == "reflect":
+        ensure_policy(cache_dir, size, text_only, stage="base")
+    repo = Path(__file__).resolve().parent.parent
+    run_dir, tmp = root / f"{stage}-run", root / f"{stage}-run.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # The child must train single-process even when we run under `accelerate launch` / torchrun: without their
+    # variables it does not try to join our process group. torchrun's OMP_NUM_THREADS=1 would starve it of cores.
+    launcher = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
+    if "WORLD_SIZE" in os.environ:
+        env.pop("OMP_NUM_THREADS", None)
+    cmd = [sys.executable, str(repo / "train_sft.py"), "--stage", stage, "--cache_dir", cache_dir, "--tiny_size", size,
+           "--text_only", str(text_only), "--out_dir", str(tmp)]
+    print(f"building the tiny {stage} policy (once, cached in {dest}): {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, cwd=repo, env=env, check=True)
+    ckpt = latest_checkpoint(tmp)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    tmp.rename(run_dir)
+    (run_dir / ckpt.name / "policy").rename(dest)  # atomic: dest appears complete or not at all
+    for done in run_dir.glob("checkpoint-*"):  # optimizer states etc.: nobody resumes a finished tiny run
+        shutil.rmtree(done, ignore_errors=True)
+    return str(dest)

@@ -1,0 +1,131 @@
+"""train_sft.py: the loss falls, only assistant tokens are learned, both chat layouts give the same batches."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_sft
+from nanosrpo import data, model, prompts, synthetic
+from nanosrpo.data import IGNORE
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory) -> Path:
+    """A handful of two-round reflection records of the tiny world (messages layout, PNGs next to the file)."""
+    d = tmp_path_factory.mktemp("sft")
+    return synthetic.write_sft_split(d, "sft", 8, seed=5, system=prompts.SRPO_SYSTEM, reflection=True)
+
+
+def _metrics(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls(tiny_dir, sft_file, tmp_path):
+    out = tmp_path / "run"
+    final = train_sft.main(
+        ["--model", str(tiny_dir), "--data", str(sft_file), "--out_dir", str(out), "--max_steps", "30",
+         "--batch_size", "4", "--lr", "3e-3", "--save_every", "0"]
+    )
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "padding_frac"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert final == out / "checkpoint-30" and (final / "policy" / "config.json").exists()
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["max_steps"] == 30 and run["data_sha256"][str(sft_file)]
+    # The final policy loads the way every later stage loads a model.
+    policy, _ = model.load_policy(str(final / "policy"))
+    assert sum(p.numel() for p in policy.parameters()) > 0
+
+
+def test_assistant_mask_decodes_to_the_assistant_turn(tiny_dir, sft_file):
+    _, processor = model.load_policy(str(tiny_dir))
+    tok = data.tokenizer_of(processor)
+    rec = data.load_sft_records(sft_file)[0]
+    answer = rec["messages"][-1]["content"]
+    sample = data.tokenize_chat(processor, rec["messages"])
+    ids, mask = sample["input_ids"], sample["loss_mask"]
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == answer + "<|im_end|>"
+    # The system prompt, the question and the image tokens carry no loss.
+    image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    assert image_pad in ids and not any(m for t, m in zip(ids, mask) if t == image_pad)
+    # Collation: labels are the ids on assistant tokens, IGNORE elsewhere (padding included).
+    short = {**sample, "input_ids": ids[:-3], "loss_mask": mask[:-3]}
+    batch = data.collate(processor, [sample, short])
+    labels = batch["labels"][1]
+    assert (labels[len(ids) - 3 :] == IGNORE).all()
+    assert tok.decode(batch["labels"][0][batch["labels"][0] != IGNORE]) == answer + "<|im_end|>"
+
+
+def test_sharegpt_and_messages_layouts_give_identical_batches(tiny_dir, sft_file, tmp_path):
+    """The same conversations written in LLaMA-Factory's sharegpt layout and in our messages layout."""
+    _, processor = model.load_policy(str(tiny_dir))
+    shutil.copytree(sft_file.parent / "images", tmp_path / "images")
+    sharegpt = tmp_path / "sharegpt.jsonl"
+    with open(sft_file) as src, open(sharegpt, "w") as dst:
+        for line in src:
+            rec = json.loads(line)
+            turns, images = [], []
+            for m in rec["messages"]:
+                if isinstance(m["content"], str):
+                    text = m["content"]
+                else:
+                    text = "".join("<image>" if c["type"] == "image" else c["text"] for c in m["content"])
+                    images += [c["image"] for c in m["content"] if c["type"] == "image"]
+                turns.append({"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": text})
+            dst.write(json.dumps({"conversations": turns, "images": images}) + "\n")
+
+    def batch_of(path):
+        samples = [data.tokenize_chat(processor, r["messages"]) for r in data.load_sft_records(path)]
+        return data.collate(processor, samples)
+
+    a, b = batch_of(sft_file), batch_of(sharegpt)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (a["labels"] != IGNORE).any() and "pixel_values" in a
+
+
+def test_length_bucketed_batches_keep_padding_small():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 1000) for _ in range(1000)]
+    batches = train_sft.length_bucketed_batches(lengths, batch_size=8, bucket=16, seed=1)
+    flat = [i for b in batches for i in b]
+    assert len(flat) == len(set(flat)) == 1000 // 8 * 8  # every record at most once; only full batches
+
+    def padding(batches):
+        return 1 - sum(lengths[i] for b in batches for i in b) / sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    unsorted = [list(range(j, j + 8)) for j in range(0, 1000, 8)]
+    assert padding(batches) < 0.1 and padding(unsorted) > 0.3
+    assert batches == train_sft.length_bucketed_batches(lengths, batch_size=8, bucket=16, seed=1)  # resumable
+    assert batches != train_sft.length_bucketed_batches(lengths, batch_size=8, bucket=16, seed=2)  # reshuffled per epoch
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_matches_one_process(tiny_dir, sft_file, tmp_path):
+    """2 processes x 2 sequences give the same losses as 1 process x 4: the loss is normalised over the global batch."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(train_sft.__file__).parent
+    common = ["--model", str(tiny_dir), "--data", str(sft_file), "--max_steps", "3", "--grad_accum", "2", "--save_every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    subprocess.run(torchrun + ["train_sft.py", "--out_dir", str(tmp_path / "ddp"), "--batch_size", "2"] + common,
+                   cwd=root, env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "train_sft.py", "--out_dir", str(tmp_path / "one"), "--batch_size", "4"] + common,
+                   cwd=root, env=env, check=True, capture_output=True)
+    ddp, one = _metrics(tmp_path / "ddp"), _metrics(tmp_path / "one")
+    assert len(ddp) == len(one) == 3
+    for a, b in zip(ddp, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert len(list((tmp_path / "ddp" / "checkpoint-3" / "state").glob("random_states_*.pkl"))) == 2
