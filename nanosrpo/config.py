@@ -56,6 +56,58 @@ class GRPOConfig(CommonConfig):
     model: str = field(default=TINY, metadata={"help": "initial policy: local path, hub id, or 'tiny' (reflection SFT)"})
     data: str = field(default=TINY, metadata={"help": "RL JSONL {id, question, image, answer, choices}, or 'tiny'"})
     image_dir: str = field(default="", metadata={"help": "folder image paths resolve against (default: data's folder)"})
+    eval_data: str = field(default=TINY, metadata={"help": "held-out JSONL for greedy eval ('' = none; 'tiny' = tiny eval)"})
+    # --- the reward (rewards.srpo_reward)
+    reward: str = field(default="paper", metadata={"help": "reward variant: paper (SRPO Eqs. 4-8), code (released), grpo"})
+    alpha: float = field(default=0.1, metadata={"help": "weight of the length reward f_len"})
+    use_effectiveness: bool = field(default=True, metadata={"help": "ablation: keep the I_eff term (paper Table 4)"})
+    use_length: bool = field(default=True, metadata={"help": "ablation: keep the alpha * f_len term (paper Table 4)"})
+    # --- rollouts
+    engine: str = field(default="transformers", metadata={"help": "generation engine: transformers or vllm"})
+    group_size: int = field(default=8, metadata={"help": "completions per prompt (G)"})
+    rollout_batch_size: int = field(default=8, metadata={"help": "prompts per step, all processes together"})
+    max_new_tokens: int = field(default=160, metadata={"help": "max response tokens"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs are scored at it too)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    gen_batch_size: int = field(default=64, metadata={"help": "transformers engine: sequences per generate call"})
+    filter_accuracy: bool = field(default=False, metadata={"help": "keep groups with mean accuracy in [filter_low, filter_high] (dynamic sampling)"})
+    filter_low: float = field(default=0.1, metadata={"help": "accuracy filter lower bound"})
+    filter_high: float = field(default=0.9, metadata={"help": "accuracy filter upper bound"})
+    max_draws: int = field(default=4, metadata={"help": "dynamic sampling: prompt batches drawn at most per step"})
+    # --- the update (grpo.policy_loss)
+    train_batch_size: int = field(default=64, metadata={"help": "sequences per optimizer update, all processes together"})
+    micro_batch_size: int = field(default=16, metadata={"help": "sequences per forward/backward on one process"})
+    ppo_epochs: int = field(default=1, metadata={"help": "passes over each step's rollouts"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (paper: 1e-6)"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "linear warmup, fraction of updates"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to this fraction of lr"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
+    clip_low: float = field(default=0.2, metadata={"help": "PPO clip epsilon below 1"})
+    clip_high: float = field(default=0.2, metadata={"help": "PPO clip epsilon above 1 (DAPO clip-higher: 0.28)"})
+    kl_coef: float = field(default=0.0, metadata={"help": "KL to the frozen initial policy (0: no reference model is loaded)"})
+    aggregation: str = field(default="seq-mean-token-mean", metadata={"help": "seq-mean-token-mean | token-mean | seq-mean-token-sum-norm"})
+    normalize_std: bool = field(default=True, metadata={"help": "divide advantages by the group std (False: Dr. GRPO)"})
+    freeze_vision: bool = field(default=True, metadata={"help": "freeze the vision tower and merger (visual.*)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    # --- length of the run, logging, checkpoints
+    max_steps: int = field(default=40, metadata={"help": "rollout+update steps (0: epochs * len(data) / rollout_batch_size)"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the RL data, used when max_steps is 0"})
+    eval_every: int = field(default=10, metadata={"help": "greedy eval on eval_data every N steps (0: never)"})
+    eval_size: int = field(default=200, metadata={"help": "eval records used"})
+    samples_every: int = field(default=10, metadata={"help": "write a few completions to samples.jsonl every N steps"})
+    save_every: int = field(default=20, metadata={"help": "checkpoint every N steps (and at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in out_dir"})
+    report_to: str = field(default="", metadata={"help": "accelerate trackers: tensorboard, wandb, ... ('' = none)"})
+    plot: bool = field(default=True, metadata={"help": "draw training-dynamics PNGs at the end (needs matplotlib)"})
+    # --- vLLM engine
+    vllm_gpu_memory_utilization: float = field(default=0.15, metadata={"help": "vLLM memory fraction (CPU: of RAM)"})
+    vllm_sleep: bool = field(default=False, metadata={"help": "GPU: put vLLM to sleep (level 1) while training"})
+    vllm_max_model_len: int = field(default=1024, metadata={"help": "vLLM context length (prompt + response tokens)"})
+    is_cap: float = field(default=0.0, metadata={"help": "truncated importance sampling for engine/trainer log-prob mismatch: cap (e.g. 3.0); 0 = off"})
 
 
 @dataclass
@@ -71,7 +123,39 @@ class EvalConfig(CommonConfig):
 
 
 # The paper's settings (SRPO, Sec. 4 and appendix) as named presets: field -> value, applied under CLI flags.
-PRESETS: dict[str, dict] = {}
+# PRESETS[name][config class name] = {field: value}: each script takes its own class's entry.
+PRESETS: dict[str, dict[str, dict]] = {"qwen2.5-vl-7b": {}}
+# The paper's GRPO stage (SRPO Sec. 4 / released OpenRLHF config): group 8, 128 prompts per rollout, 128 sequences
+# per update, lr 1e-6, temperature 1.0, max response 2048, 3 epochs, alpha 0.1, accuracy filter 0.1-0.9, frozen ViT.
+PRESETS["qwen2.5-vl-7b"]["GRPOConfig"] = {
+    "group_size": 8,
+    "rollout_batch_size": 128,
+    "train_batch_size": 128,
+    "micro_batch_size": 4,
+    "lr": 1e-6,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.95,
+    "weight_decay": 0.0,
+    "warmup_ratio": 0.03,
+    "min_lr_ratio": 0.1,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "max_new_tokens": 2048,
+    "max_steps": 0,
+    "epochs": 3.0,
+    "alpha": 0.1,
+    "filter_accuracy": True,
+    "filter_low": 0.1,
+    "filter_high": 0.9,
+    "freeze_vision": True,
+    "gradient_checkpointing": True,
+    "engine": "vllm",
+    "vllm_gpu_memory_utilization": 0.5,
+    "vllm_sleep": True,
+    "vllm_max_model_len": 8192,
+    "eval_every": 0,
+    "save_every": 50,
+}
 
 # Cold-start SFT of Qwen2.5-VL-7B-Instruct (paper Sec. 4: lr 1e-5, 1 epoch, frozen ViT; the released config said 3
 # epochs). batch_size x grad_accum x GPUs is our choice (1 x 8 x 8 = 64 sequences per step), not a paper number.
@@ -100,7 +184,7 @@ def parse(cls, argv: list[str] | None = None):
         preset = argv[argv.index("--preset") + 1]
     if preset and preset not in PRESETS:
         raise SystemExit(f"unknown --preset {preset!r}; known: {sorted(PRESETS)}")
-    parser.set_defaults(**{**PRESETS.get(preset, {}), **from_yaml})
+    parser.set_defaults(**{**PRESETS.get(preset, {}).get(cls.__name__, {}), **from_yaml})
     (cfg,) = parser.parse_args_into_dataclasses(args=argv)
     return cfg
 

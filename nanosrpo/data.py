@@ -8,6 +8,7 @@ Two on-disk layouts, both JSONL with images as files next to them (or under --im
 Every error names the file, the line and the field, because a bad record found mid-run costs a run.
 """
 
+import functools
 import json
 from pathlib import Path
 
@@ -97,6 +98,14 @@ def prompt_messages(rec: dict, system: str) -> list[dict]:
     """Chat messages of an RL/eval prompt: the system instruction, then the images and the question."""
     content = [{"type": "image", "image": p} for p in rec["images"]] + [{"type": "text", "text": question_text(rec)}]
     return [{"role": "system", "content": system}, {"role": "user", "content": content}]
+
+
+def render_prompt(rec: dict, system: str, processor) -> dict:
+    """An RL record as an engine prompt: the rendered chat text (one <|image_pad|> per image), its images, and the
+    expanded token ids the trainer will see (each <|image_pad|> repeated once per vision token)."""
+    text = processor.apply_chat_template(prompt_messages(rec, system), tokenize=False, add_generation_prompt=True)
+    images = [load_image(p) for p in rec["images"]]
+    return {"text": text, "images": images, "ids": encode(processor, text, images)}
 
 
 def load_image(path: str) -> Image.Image:
@@ -243,3 +252,18 @@ def collate(processor, samples: list[dict], pad_side: str = "right") -> dict:
         batch["pixel_values"], batch["image_grid_thw"] = vision["pixel_values"], vision["image_grid_thw"]
         batch["mm_token_type_ids"] = (ids == tok.convert_tokens_to_ids("<|image_pad|>")).long()
     return batch
+
+
+def prompt_index(position: int, n_records: int, seed: int) -> int:
+    """The record at `position` of an endless stream of shuffled epochs (one fresh permutation per epoch).
+
+    Ranks read interleaved positions (rank r: r, r + world, ...), so every rank sees different prompts, groups never
+    straddle ranks, and a run resumes exactly from one integer (the number of positions consumed).
+    """
+    epoch, i = divmod(position, n_records)
+    return _permutation(n_records, seed, epoch)[i]
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()

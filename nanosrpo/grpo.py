@@ -69,12 +69,15 @@ def policy_loss(
     kl_coef: float = 0.0,
     aggregation: str = "seq-mean-token-mean",
     max_len: Optional[int] = None,
+    token_weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict]:
     """The clipped surrogate loss of GRPO (PPO's objective with group-relative advantages), to be minimised.
 
     logprobs [B, T] carries the gradient; old_logprobs [B, T] (the sampling policy) and ref_logprobs [B, T] (the frozen
     reference) are constants; advantages [B] is one number per sequence, broadcast to its tokens; mask [B, T] is 1 on
     completion tokens. Positions where mask is 0 contribute nothing, whatever value they hold (even inf/NaN-prone ones).
+    token_weights [B, T] (optional, constants) scale each token's policy-gradient term: the truncated importance
+    weights min(pi_trainer / pi_engine, cap) that correct for a sampling engine whose numbers differ from the trainer's.
     Returns (scalar loss, stats) where stats are python floats over the valid tokens.
     """
     if aggregation not in AGGREGATIONS:
@@ -89,6 +92,8 @@ def policy_loss(
     ratio = torch.exp(log_ratio)  # PPO / GRPO importance ratio pi_theta / pi_old, per token
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)  # DAPO clip-higher: separate low and high epsilons
     per_token = -torch.min(ratio * A, clipped * A)  # GRPO eq. 3: pessimistic (min) of unclipped and clipped surrogate
+    if token_weights is not None:  # truncated importance sampling (TIS): engine != trainer numerics
+        per_token = per_token * torch.where(valid, token_weights.detach(), torch.zeros_like(logprobs))
 
     kl = torch.zeros_like(logprobs)
     if ref_logprobs is not None:
@@ -173,4 +178,35 @@ def sequence_logprobs(
     out = torch.cat([scored.new_zeros(B, T - K + 1), scored], dim=1)  # [B, T]; position 0 has no context
     if "attention_mask" in inputs:
         out = out * inputs["attention_mask"].to(out.dtype)  # padding is not a token of the sample
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- filtering
+def keep_group(rewards: list[float], accuracies: list[float], low: float = 0.1, high: float = 0.9) -> bool:
+    """The accuracy filter of the SRPO runs (DAPO-style dynamic sampling): a prompt's group is trained on only if its
+    mean accuracy lies in [low, high] and its rewards are not all equal (an all-equal group has zero advantages and
+    carries no signal; a too-easy or too-hard prompt mostly wastes a slot in the batch)."""
+    acc = sum(accuracies) / len(accuracies)
+    return low <= acc <= high and max(rewards) > min(rewards)
+
+
+@torch.no_grad()
+def logprobs_by_sample(model, batches, temperature: float = 1.0) -> list[torch.Tensor]:
+    """sequence_logprobs over right-padded micro-batches, one unpadded row per sample (on the CPU), in order.
+
+    Used for the old policy's log-probs (several updates per step) and the frozen reference's: computed once per step,
+    then looked up per sample whatever mini-batch the sample lands in.
+    """
+    rows = []
+    for batch in batches:
+        lp = sequence_logprobs(model, batch, temperature=temperature).float().cpu()
+        rows += [lp[i, : int(n)] for i, n in enumerate(batch["attention_mask"].sum(1))]
+    return rows
+
+
+def stack_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Per-sample rows back into one right-padded [B, width] tensor (zeros past each row's end)."""
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
     return out

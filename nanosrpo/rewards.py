@@ -325,3 +325,12 @@ def _code_reward(response, answer, count_tokens, alpha, choices) -> dict[str, fl
     c2 = is_correct(answers[-1].strip(), answer, choices)
     length = alpha * _length(response, thinks[0], answers[0], count_tokens)
     return _scores(fmt, CODE_ACC[(c1, c2)], 0.0, 0.0, length)
+
+
+def outcome(response: str, answer, choices=None) -> dict[str, float]:
+    """What happened in one rollout, for metrics (not the reward): rounds (0 malformed, 1, 2), first- and
+    final-answer correctness. The final answer is A2 of a two-round response and A1 of a one-round one."""
+    p = parse_response(response)
+    first = p.rounds > 0 and is_correct(p.answer1, answer, choices)
+    final = first if p.rounds == 1 else p.rounds == 2 and is_correct(p.answer2, answer, choices)
+    return {"rounds": float(p.rounds), "first_correct": float(first), "final_correct": float(final)}

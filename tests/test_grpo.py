@@ -311,3 +311,13 @@ def test_end_to_end_loss_backward(tiny):
     g = model.get_output_embeddings().weight.grad
     assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
     model.zero_grad(set_to_none=True)
+
+
+def test_token_weights_scale_the_policy_gradient_term():
+    torch.manual_seed(0)
+    lp = torch.randn(3, 5, requires_grad=True)
+    old, adv, mask = lp.detach() + 0.1 * torch.randn(3, 5), torch.randn(3), torch.ones(3, 5)
+    base, _ = grpo.policy_loss(lp, old, adv, mask)
+    same, _ = grpo.policy_loss(lp, old, adv, mask, token_weights=torch.ones(3, 5))
+    double, _ = grpo.policy_loss(lp, old, adv, mask, token_weights=torch.full((3, 5), 2.0))
+    assert torch.allclose(same, base) and torch.allclose(double, 2 * base)

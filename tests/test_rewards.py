@@ -342,3 +342,20 @@ def _timed(fn, *args, **kwargs):
     t0 = time.perf_counter()
     fn(*args, **kwargs)
     return time.perf_counter() - t0
+
+
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("<think>a</think> <answer>21</answer>", (1, 1, 1)),
+        ("<think>a</think> <answer>20</answer>", (1, 0, 0)),
+        ("<think>a</think> <answer>20</answer> <reflection>r</reflection> <think>b</think> <answer>21</answer>", (2, 0, 1)),
+        ("<think>a</think> <answer>21</answer> <reflection>r</reflection> <think>b</think> <answer>20</answer>", (2, 1, 0)),
+        ("<answer>21</answer>", (0, 0, 0)),
+    ],
+)
+def test_outcome(response, expected):
+    from nanosrpo.rewards import outcome
+
+    o = outcome(response, "21")
+    assert (o["rounds"], o["first_correct"], o["final_correct"]) == expected
