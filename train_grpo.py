@@ -208,7 +208,8 @@ def main(argv=None):
         from nanosrpo import plots
 
         plots.plot_run(cfg.out_dir)
-    acc.end_training()
+    if cfg.report_to:  # closes the trackers (not called otherwise: it would tear down the process group under vLLM)
+        acc.end_training()
 
 
 if __name__ == "__main__":

@@ -237,3 +237,36 @@ def test_grpo_steps_with_the_vllm_engine_stay_in_sync(world, engine):
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_train_grpo_with_the_vllm_engine_end_to_end(tmp_path):
+    """`train_grpo.py --engine vllm` on the tiny text task (text-only twin: vLLM on CPU cannot run Qwen2.5-VL)."""
+    import json
+    import subprocess
+    import sys
+
+    from nanosrpo import tiny
+    from nanosrpo.checkpoint import latest_checkpoint
+    from tests.conftest import ROOT
+
+    paths = tiny.ensure_world(str(tmp_path / "cache"), size="1m", text_only=True)
+    sft = tmp_path / "sft"
+    subprocess.run([sys.executable, "train_sft.py", "--stage", "base", "--cache_dir", str(tmp_path / "cache"),
+                    "--text_only", "true", "--max_steps", "150", "--lr", "3e-3", "--out_dir", str(sft)],
+                   cwd=ROOT, check=True, capture_output=True)
+    out = tmp_path / "grpo"
+    p = subprocess.run(
+        [sys.executable, "train_grpo.py", "--engine", "vllm", "--model", str(latest_checkpoint(sft) / "policy"),
+         "--data", paths["train"], "--eval_data", paths["eval"], "--eval_size", "8", "--eval_every", "2",
+         "--max_steps", "2", "--rollout_batch_size", "2", "--group_size", "4", "--train_batch_size", "8",
+         "--micro_batch_size", "8", "--max_new_tokens", "64", "--vllm_gpu_memory_utilization", "0.05",
+         "--out_dir", str(out), "--plot", "false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    steps = [r for r in rows if "reward_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(r["time_sync_s"] > 0 for r in steps)
+    assert "eval_accuracy" in steps[-1]

@@ -1,0 +1,50 @@
+"""Sampled (temperature 1.0) accuracy and format of a policy on RL-layout records: the README's SFT figures.
+
+    python bench/sampled_accuracy.py out/tiny/1m/base    out/tiny/1m/data/eval.jsonl
+    python bench/sampled_accuracy.py out/tiny/1m/reflect out/tiny/1m/data/eval.jsonl --reflect
+
+Prints the fractions of one-round, two-round and malformed responses and the first-/second-answer accuracy (both as
+fractions of all responses).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nanosrpo import data, engine, model, prompts, rewards  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("policy")
+    ap.add_argument("records")
+    ap.add_argument("--reflect", action="store_true", help="SRPO (two-round) system prompt instead of the GRPO one")
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--max_new_tokens", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    torch.manual_seed(a.seed)
+    policy, processor = model.load_policy(a.policy)
+    records = data.load_rl_records(a.records)[: a.n]
+    system = prompts.system_prompt(a.reflect)
+    t0 = time.time()
+    outs = engine.TransformersEngine(policy, processor).generate(
+        [data.render_prompt(r, system, processor) for r in records], 1, a.max_new_tokens
+    )
+    n = len(records)
+    counts = {"one_round": 0, "two_round": 0, "malformed": 0, "first_accuracy": 0, "second_accuracy": 0}
+    for r, o in zip(records, outs):
+        p = rewards.parse_response(o[0]["text"])
+        counts[["malformed", "one_round", "two_round"][p.rounds]] += 1
+        counts["first_accuracy"] += p.rounds > 0 and rewards.is_correct(p.answer1, r["answer"], r["choices"])
+        counts["second_accuracy"] += p.rounds == 2 and rewards.is_correct(p.answer2, r["answer"], r["choices"])
+    print(json.dumps({"n": n, **{k: v / n for k, v in counts.items()}, "seconds": round(time.time() - t0, 1)}))
+
+
+if __name__ == "__main__":
+    main()
