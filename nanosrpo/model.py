@@ -84,6 +84,8 @@ def resolve(name_or_path: str) -> str:
     """A local directory for a model path or hub id; a clear error instead of retries when the hub is unreachable."""
     if os.path.isdir(name_or_path):
         return name_or_path
+    if name_or_path.startswith((os.sep, ".", "~")) or name_or_path.count("/") > 1:  # a path, not a hub id
+        raise OSError(f"model '{name_or_path}': no such directory")
     from huggingface_hub import snapshot_download
 
     try:  # already in the local HF cache? (no network needed)

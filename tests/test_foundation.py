@@ -167,3 +167,8 @@ def test_config_yaml_preset_and_flags_precedence(tmp_path):
     cfg_file.write_text("no_such_option: 1\n")
     with pytest.raises(SystemExit, match="no_such_option"):
         config.parse(config.GRPOConfig, [str(cfg_file)])
+
+
+def test_missing_local_model_path_says_so():
+    with pytest.raises(OSError, match="no such directory"):
+        model.resolve("/nonexistent/policy")

@@ -142,8 +142,14 @@ def test_killed_run_resumes_exactly(world, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_ddp(world, tmp_path):
-    cmd = ["-m", "accelerate.commands.launch", "--cpu", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "train_grpo.py",
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # the README's CPU recipe: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 train_grpo.py
+    cmd = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "train_grpo.py",
            *args(world, tmp_path, "--max_steps", "2", "--save_every", "2", "--rollout_batch_size", "4")]
     p = subprocess.run([sys.executable, *cmd], cwd=ROOT, env={**os.environ, "ACCELERATE_USE_CPU": "true"},
                        capture_output=True, text=True, timeout=900)
