@@ -2,7 +2,7 @@
 
     accelerate launch train_sft.py                  # tiny world: the reflection cold start of the tiny base model
     python train_sft.py --stage base                # tiny world: the base model itself (random init, one-round CoT)
-    accelerate launch train_sft.py --preset qwen2.5-vl-7b-sft --model Qwen/Qwen2.5-VL-7B-Instruct \\
+    accelerate launch train_sft.py --preset qwen2.5-vl-7b --model Qwen/Qwen2.5-VL-7B-Instruct \\
         --data sft.jsonl --image_dir images/ --out_dir out/sft-7b
     python train_sft.py --help                      # every option; a YAML file of options may come first
 
@@ -11,7 +11,10 @@
                      data = the tiny world's two-round oracle records (sft_reflect.jsonl, ~30/70 correct/flawed)
   base               model = the tiny world's random init, data = one-round chains of thought (sft_base.jsonl): the
                      stand-in for the pretrained Instruct model that real users start from
-tiny.ensure_policy runs exactly these two commands (with their defaults) to build and cache both tiny policies.
+tiny.ensure_policy builds and caches both tiny policies by running these two commands with the measured flags of
+tiny.RECIPE (into a temporary --out_dir); train_grpo.py starts from the cached reflection policy.
+DDP on a CPU-only machine (gloo): `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 train_sft.py`
+or `torchrun --nproc_per_node 2 train_sft.py`; on GPUs, `accelerate launch --config_file accelerate_fsdp.yaml ...`.
 
 The algorithm: every record becomes token ids + a loss mask that is 1 only on assistant tokens; records are batched
 by length (little padding); the loss is the cross-entropy summed over assistant tokens and divided by the number of
@@ -72,10 +75,11 @@ def main(argv=None):
             model_path = world_paths["init"]
         else:
             model_path = tiny.ensure_policy(cfg.cache_dir, cfg.tiny_size, cfg.text_only, stage="base")
-        data_path = cfg.data if cfg.data != config.TINY else world_paths["sft_base" if cfg.stage == "base" else "sft_reflect"]
+        tiny_data = "sft_base" if cfg.stage == "base" else "sft_reflect"
+        data_path = cfg.data if cfg.data != config.TINY else world_paths[tiny_data]
     policy, processor = model.load_policy(model_path)  # fp32 weights: the optimizer's master copy
     n_frozen = model.freeze_vision(policy) if cfg.freeze_vision else 0
-    if cfg.grad_checkpointing:
+    if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.config.use_cache = False
 
@@ -86,7 +90,8 @@ def main(argv=None):
         s = data.tokenize_chat(processor, rec["messages"])
         # Too long: skipped rather than cut, since a cut could split an image's tokens or drop the closing <|im_end|>.
         if len(s["input_ids"]) <= cfg.max_length:
-            samples.append({"input_ids": s["input_ids"], "loss_mask": s["loss_mask"], "images": data.message_images(rec["messages"])})
+            images = data.message_images(rec["messages"])  # paths
+            samples.append({"input_ids": s["input_ids"], "loss_mask": s["loss_mask"], "images": images})
     n_skipped = len(records) - len(samples)
     if n_skipped and is_main:
         print(f"skipped {n_skipped}/{len(records)} records longer than --max_length {cfg.max_length}")
@@ -94,7 +99,8 @@ def main(argv=None):
     # ---- the batch plan: every optimizer step's micro-batches, fixed by the seed, so a resumed run sees the same data.
     # A global micro-batch holds batch_size sequences per process, similar in length (see length_bucketed_batches).
     lengths = [len(s["input_ids"]) for s in samples]
-    per_epoch = len(length_bucketed_batches(lengths, cfg.batch_size * world, cfg.bucket, cfg.seed))
+    global_batch = cfg.batch_size * world
+    per_epoch = len(length_bucketed_batches(lengths, global_batch, cfg.bucket, cfg.seed))
     steps_per_epoch = per_epoch // cfg.grad_accum
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
     if total_steps <= 0 or per_epoch == 0:
@@ -103,11 +109,14 @@ def main(argv=None):
             f"{cfg.grad_accum} accumulation; lower --batch_size/--grad_accum or add data"
         )
     n_epochs = math.ceil(total_steps * cfg.grad_accum / per_epoch)
-    plan = [b for e in range(n_epochs) for b in length_bucketed_batches(lengths, cfg.batch_size * world, cfg.bucket, cfg.seed + e)]
+    epochs = [length_bucketed_batches(lengths, global_batch, cfg.bucket, cfg.seed + e) for e in range(n_epochs)]
+    plan = [batch for epoch in epochs for batch in epoch]  # reshuffled every epoch
     plan_sha = hashlib.sha256(json.dumps([plan[: total_steps * cfg.grad_accum], lengths]).encode()).hexdigest()[:16]
 
     # ---- optimizer, schedule, and (when resuming) everything as it was at the checkpoint.
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)  # counted before FSDP shards them
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     start_step = 0
@@ -115,8 +124,8 @@ def main(argv=None):
         state = checkpoint.load_checkpoint(accelerator, resume_from)
         if state.get("plan_sha") != plan_sha:
             raise SystemExit(
-                f"{resume_from}: the batch plan changed (data, --batch_size, --grad_accum, --epochs/--max_steps, --bucket, "
-                f"--seed or the number of processes); resume with the same settings or start a new --out_dir"
+                f"{resume_from}: the batch plan changed (data, --batch_size, --grad_accum, --epochs/--max_steps, "
+                f"--bucket, --seed or the number of processes); resume with the same settings or use a new --out_dir"
             )
         start_step = state["step"]
     metrics = log.MetricsWriter(out_dir, enabled=is_main, resume_step=start_step if resume_from else None)
@@ -126,7 +135,6 @@ def main(argv=None):
             world_size=world, total_steps=total_steps, frozen_vision_tensors=n_frozen,
             resumed_from=str(resume_from) if resume_from else None,
         )
-        n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
         print(f"{model_path}: {n_train / 1e6:.2f}M trainable parameters; {len(samples)} records from {data_path}; "
               f"{total_steps} steps of {cfg.batch_size * world * cfg.grad_accum} sequences; out_dir {out_dir}")
 
@@ -153,18 +161,21 @@ def main(argv=None):
             with accelerator.no_sync(policy) if i < len(mine) - 1 else nullcontext(), accelerator.autocast():
                 logits = policy(**inputs).logits[:, :-1]
                 targets = batch["labels"][:, 1:]
-                mb_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+                mb_loss = F.cross_entropy(
+                    logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+                )
                 # DDP/FSDP average gradients over processes; multiplying by `world` turns that average into the sum.
                 accelerator.backward(mb_loss * world / n_target)
             loss_sum += mb_loss.detach()
-        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         # ---- metrics (summed over processes), progress, checkpoints.
-        totals = accelerator.reduce(torch.tensor([loss_sum.item(), n_real, n_padded], device=accelerator.device), "sum").tolist()
+        totals = torch.tensor([loss_sum.item(), n_real, n_padded], device=accelerator.device)
+        totals = accelerator.reduce(totals, "sum").tolist()
         row = {
             "step": step + 1,
             "loss": totals[0] / n_target,
@@ -179,7 +190,9 @@ def main(argv=None):
         pbar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", pad=f"{row['padding_frac']:.2f}")
         if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or step + 1 == total_steps:
             state = {"micro_batch": (step + 1) * cfg.grad_accum, "plan_sha": plan_sha, "epoch": row["epoch"]}
-            checkpoint.save_checkpoint(accelerator, policy, processor, out_dir, step + 1, state, keep=cfg.keep)
+            checkpoint.save_checkpoint(
+                accelerator, policy, processor, out_dir, step + 1, state, keep=cfg.keep_checkpoints
+            )
     pbar.close()
     metrics.close()
     final = checkpoint.latest_checkpoint(out_dir)

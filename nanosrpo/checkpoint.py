@@ -6,7 +6,7 @@ Public API (shared by train_sft.py and train_grpo.py; keep it small and stable):
   load_checkpoint(accelerator, ckpt_dir) -> dict   restores model, optimizer, scheduler, RNG; returns trainer_state
 
 A checkpoint directory holds
-  state/               accelerator.save_state: model, optimizer, scheduler and RNG states of every process (exact resume)
+  state/               accelerator.save_state: model, optimizer, scheduler, RNG states of every process (exact resume)
   policy/              save_pretrained of the model + processor: what model.load_policy, train_grpo.py and vLLM read
   trainer_state.json   the caller's `state` dict (step, data position, anything else) plus "step"
 

@@ -34,20 +34,20 @@ class SFTConfig(CommonConfig):
         metadata={"help": "what 'tiny' means: reflect = tiny base on two-round records; base = random init on one-round"},
     )
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (paper, 7B: 1e-5; the tiny model needs more)"})
-    epochs: int = field(default=3, metadata={"help": "passes over the data (paper: 1)"})
+    epochs: int = field(default=2, metadata={"help": "passes over the data (paper: 1)"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides --epochs when > 0"})
     batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch per process"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_length: int = field(default=1024, metadata={"help": "records longer than this many tokens (images included) are skipped"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "linear warmup over this fraction of steps, then cosine to 0"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this"})
     freeze_vision: bool = field(default=True, metadata={"help": "freeze the vision tower and merger (as the reference)"})
-    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast on GPU (CPU always trains in fp32)"})
     bucket: int = field(default=32, metadata={"help": "length bucketing: sort by length within shuffled chunks of this many batches"})
     save_every: int = field(default=500, metadata={"help": "checkpoint every N optimizer steps (0: only the final one)"})
-    keep: int = field(default=2, metadata={"help": "checkpoints to keep (older ones are deleted; 0: keep all)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept (older ones are deleted; 0: all)"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out_dir, if there is one"})
 
 
@@ -157,12 +157,20 @@ PRESETS["qwen2.5-vl-7b"]["GRPOConfig"] = {
     "save_every": 50,
 }
 
-# Cold-start SFT of Qwen2.5-VL-7B-Instruct (paper Sec. 4: lr 1e-5, 1 epoch, frozen ViT; the released config said 3
-# epochs). batch_size x grad_accum x GPUs is our choice (1 x 8 x 8 = 64 sequences per step), not a paper number.
-PRESETS["qwen2.5-vl-7b-sft"] = dict(
-    lr=1e-5, epochs=1, max_length=4096, bf16=True, grad_checkpointing=True, freeze_vision=True, batch_size=1, grad_accum=8,
-    warmup_ratio=0.1, save_every=200,
-)
+# The paper's cold-start SFT of Qwen2.5-VL-7B-Instruct (SRPO Sec. 4: lr 1e-5, 1 epoch, max length 4096, frozen ViT; the
+# released config said 3 epochs). batch_size x grad_accum x GPUs is our choice (1 x 8 x 8 = 64), not a paper number.
+PRESETS["qwen2.5-vl-7b"]["SFTConfig"] = {
+    "lr": 1e-5,
+    "epochs": 1,
+    "max_length": 4096,
+    "batch_size": 1,
+    "grad_accum": 8,
+    "warmup_ratio": 0.1,
+    "bf16": True,
+    "gradient_checkpointing": True,
+    "freeze_vision": True,
+    "save_every": 200,
+}
 
 
 def parse(cls, argv: list[str] | None = None):

@@ -59,7 +59,7 @@ def test_resume_continues_exactly(tiny_dir, tmp_path):
     sft = synthetic.write_sft_split(tmp_path / "data", "sft", 12, seed=7, system=prompts.SRPO_SYSTEM, reflection=True)
     out = tmp_path / "run"
     args = ["--model", str(tiny_dir), "--data", str(sft), "--out_dir", str(out), "--max_steps", "6", "--batch_size", "2",
-            "--grad_accum", "2", "--lr", "3e-3", "--save_every", "3", "--keep", "0"]
+            "--grad_accum", "2", "--lr", "3e-3", "--save_every", "3", "--keep_checkpoints", "0"]
     train_sft.main(args)  # 6 steps = 24 records: the plan wraps into a second epoch
     first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     shutil.move(out / "checkpoint-6", tmp_path / "uninterrupted-6")

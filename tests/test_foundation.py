@@ -172,3 +172,14 @@ def test_config_yaml_preset_and_flags_precedence(tmp_path):
 def test_missing_local_model_path_says_so():
     with pytest.raises(OSError, match="no such directory"):
         model.resolve("/nonexistent/policy")
+
+
+@pytest.mark.parametrize("cls_name, field_name, value", [("SFTConfig", "lr", 1e-5), ("GRPOConfig", "lr", 1e-6)])
+def test_paper_preset_reaches_each_script(cls_name, field_name, value):
+    from nanosrpo import config
+
+    cls = getattr(config, cls_name)
+    default = config.parse(cls, [])
+    cfg = config.parse(cls, ["--preset", "qwen2.5-vl-7b"])
+    assert getattr(cfg, field_name) == value != getattr(default, field_name)
+    assert config.parse(cls, ["--preset", "qwen2.5-vl-7b", "--lr", "0.5"]).lr == 0.5  # flags win over the preset
