@@ -58,7 +58,7 @@ def ensure_world(cache_dir: str, size: str = "1m", text_only: bool = False, diff
 # the two-round reflection format on top of it.
 RECIPE = {
     "base": ["--max_steps", "400", "--lr", "3e-3", "--freeze_vision", "false"],
-    "reflect": ["--max_steps", "300", "--lr", "1e-3", "--freeze_vision", "false"],
+    "reflect": ["--max_steps", "600", "--lr", "3e-3", "--freeze_vision", "false"],
 }
 
 
