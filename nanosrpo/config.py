@@ -33,7 +33,7 @@ class SFTConfig(CommonConfig):
         default="reflect",
         metadata={"help": "what 'tiny' means: reflect = tiny base on two-round records; base = random init on one-round"},
     )
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (paper, 7B: 1e-5; the tiny model needs more)"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (paper, 7B: 1e-5; the tiny model needs more)"})
     epochs: int = field(default=2, metadata={"help": "passes over the data (paper: 1)"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides --epochs when > 0"})
     batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch per process"})
