@@ -31,6 +31,7 @@ def main(argv=None):
     # step_scheduler_with_optimizer=False: we step the schedule once per update (accelerate would step it per process)
     acc = Accelerator(log_with=cfg.report_to or None, project_dir=cfg.out_dir, step_scheduler_with_optimizer=False)
     rank, world = acc.process_index, acc.num_processes
+    model.use_cpu_cores(acc, cfg.cpu_threads)
     if cfg.rollout_batch_size % world or cfg.train_batch_size % world:
         raise SystemExit(f"rollout_batch_size and train_batch_size must be divisible by the {world} processes")
     two_round = cfg.reward != "grpo"  # SRPO asks for think/answer/reflection/think/answer; the GRPO baseline for one round

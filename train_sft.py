@@ -31,7 +31,6 @@ checkpoint's policy/ is the result, and the script prints its path.
 import hashlib
 import json
 import math
-import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -59,6 +58,7 @@ def main(argv=None):
         cpu=not gpu, mixed_precision="bf16" if cfg.bf16 and gpu else "no", step_scheduler_with_optimizer=False
     )
     is_main, world = accelerator.is_main_process, accelerator.num_processes
+    model.use_cpu_cores(accelerator, cfg.cpu_threads)
     set_seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
     resume_from = checkpoint.latest_checkpoint(out_dir)  # None: a fresh run
@@ -97,10 +97,10 @@ def main(argv=None):
         print(f"skipped {n_skipped}/{len(records)} records longer than --max_length {cfg.max_length}")
 
     # ---- the batch plan: every optimizer step's micro-batches, fixed by the seed, so a resumed run sees the same data.
-    # A global micro-batch holds batch_size sequences per process, similar in length (see length_bucketed_batches).
+    # A global micro-batch holds batch_size sequences per process, similar in length (see data.length_bucketed_batches).
     lengths = [len(s["input_ids"]) for s in samples]
     global_batch = cfg.batch_size * world
-    per_epoch = len(length_bucketed_batches(lengths, global_batch, cfg.bucket, cfg.seed))
+    per_epoch = len(data.length_bucketed_batches(lengths, global_batch, cfg.bucket, cfg.seed))
     steps_per_epoch = per_epoch // cfg.grad_accum
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
     if total_steps <= 0 or per_epoch == 0:
@@ -109,7 +109,7 @@ def main(argv=None):
             f"{cfg.grad_accum} accumulation; lower --batch_size/--grad_accum or add data"
         )
     n_epochs = math.ceil(total_steps * cfg.grad_accum / per_epoch)
-    epochs = [length_bucketed_batches(lengths, global_batch, cfg.bucket, cfg.seed + e) for e in range(n_epochs)]
+    epochs = [data.length_bucketed_batches(lengths, global_batch, cfg.bucket, cfg.seed + e) for e in range(n_epochs)]
     plan = [batch for epoch in epochs for batch in epoch]  # reshuffled every epoch
     plan_sha = hashlib.sha256(json.dumps([plan[: total_steps * cfg.grad_accum], lengths]).encode()).hexdigest()[:16]
 
@@ -200,25 +200,6 @@ def main(argv=None):
         print(f"done: {final / 'policy'}")
     accelerator.end_training()
     return final
-
-
-def length_bucketed_batches(lengths: list[int], batch_size: int, bucket: int, seed: int) -> list[list[int]]:
-    """One epoch of batches (lists of record indices) whose records have similar lengths, so padding stays small.
-
-    Shuffle all records, cut them into chunks of `bucket` batches, sort each chunk by length and cut it into batches,
-    then shuffle the batches: the order stays random (a chunk is a random sample), only neighbours in length share a
-    batch. A last incomplete batch is dropped, so every process always gets a full share.
-    """
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    batches = []
-    for start in range(0, len(order), batch_size * bucket):
-        chunk = sorted(order[start : start + batch_size * bucket], key=lambda i: lengths[i])
-        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
-    batches = [b for b in batches if len(b) == batch_size]
-    rng.shuffle(batches)
-    return batches
 
 
 if __name__ == "__main__":

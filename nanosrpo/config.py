@@ -17,6 +17,7 @@ TINY = "tiny"  # the embedded default model/data: built offline on first use (se
 class CommonConfig:
     out_dir: str = field(default="out/run", metadata={"help": "where checkpoints, metrics.jsonl and samples go"})
     seed: int = field(default=0, metadata={"help": "seed for data order, sampling and init"})
+    cpu_threads: int = field(default=0, metadata={"help": "threads of a single-process CPU run (0: all physical cores)"})
     cache_dir: str = field(default="out/tiny", metadata={"help": "where the tiny world (model, data, base/SFT) is cached"})
     tiny_size: str = field(default="1m", metadata={"help": "tiny model size: 0.2m, 1m or 10m parameters"})
     text_only: bool = field(default=False, metadata={"help": "tiny world: text-only Qwen2 twin and text grids"})

@@ -10,6 +10,7 @@ Every error names the file, the line and the field, because a bad record found m
 
 import functools
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -267,3 +268,22 @@ def prompt_index(position: int, n_records: int, seed: int) -> int:
 @functools.lru_cache(maxsize=2)
 def _permutation(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def length_bucketed_batches(lengths: list[int], batch_size: int, bucket: int, seed: int) -> list[list[int]]:
+    """One epoch of batches (lists of record indices) whose records have similar lengths, so padding stays small.
+
+    Shuffle all records, cut them into chunks of `bucket` batches, sort each chunk by length and cut it into batches,
+    then shuffle the batches: the order stays random (a chunk is a random sample), only neighbours in length share a
+    batch. A last incomplete batch is dropped, so every process always gets a full share.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    for start in range(0, len(order), batch_size * bucket):
+        chunk = sorted(order[start : start + batch_size * bucket], key=lambda i: lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    batches = [b for b in batches if len(b) == batch_size]
+    rng.shuffle(batches)
+    return batches

@@ -75,6 +75,19 @@ TINY_SIZES = {
 }
 
 
+def use_cpu_cores(accelerator, n_threads: int = 0) -> int:
+    """A single CPU process computes on `n_threads` threads (0: every physical core); returns the count in use.
+
+    Why: `accelerate launch` without a config file exports OMP_NUM_THREADS=1 to the script, which halves the speed of
+    the default tiny run on a 2-core machine. Several processes on one CPU (DDP over gloo) keep the launcher's share.
+    """
+    if accelerator.device.type == "cpu" and accelerator.num_processes == 1:
+        import psutil  # an accelerate dependency
+
+        torch.set_num_threads(n_threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    return torch.get_num_threads()
+
+
 def has_torchvision() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 

@@ -1,5 +1,6 @@
 """The foundation: the tiny offline Qwen2.5-VL world, its processor, the synthetic task, data validation, config."""
 
+import os
 import json
 import subprocess
 import sys
@@ -183,3 +184,17 @@ def test_paper_preset_reaches_each_script(cls_name, field_name, value):
     cfg = config.parse(cls, ["--preset", "qwen2.5-vl-7b"])
     assert getattr(cfg, field_name) == value != getattr(default, field_name)
     assert config.parse(cls, ["--preset", "qwen2.5-vl-7b", "--lr", "0.5"]).lr == 0.5  # flags win over the preset
+
+
+def test_single_cpu_process_uses_every_core_despite_launcher_default():
+    """`accelerate launch` without a config exports OMP_NUM_THREADS=1; a single CPU process takes all cores back."""
+    import psutil
+
+    code = (
+        "import torch; from accelerate import Accelerator; from nanosrpo import model; a = Accelerator(cpu=True); "
+        "print(torch.get_num_threads(), model.use_cpu_cores(a), model.use_cpu_cores(a, 1))"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", str(psutil.cpu_count(logical=False)), "1"]

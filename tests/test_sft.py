@@ -96,7 +96,7 @@ def test_length_bucketed_batches_keep_padding_small():
 
     rng = random.Random(0)
     lengths = [rng.randint(10, 1000) for _ in range(1000)]
-    batches = train_sft.length_bucketed_batches(lengths, batch_size=8, bucket=16, seed=1)
+    batches = data.length_bucketed_batches(lengths, batch_size=8, bucket=16, seed=1)
     flat = [i for b in batches for i in b]
     assert len(flat) == len(set(flat)) == 1000 // 8 * 8  # every record at most once; only full batches
 
@@ -105,8 +105,8 @@ def test_length_bucketed_batches_keep_padding_small():
 
     unsorted = [list(range(j, j + 8)) for j in range(0, 1000, 8)]
     assert padding(batches) < 0.1 and padding(unsorted) > 0.3
-    assert batches == train_sft.length_bucketed_batches(lengths, batch_size=8, bucket=16, seed=1)  # resumable
-    assert batches != train_sft.length_bucketed_batches(lengths, batch_size=8, bucket=16, seed=2)  # reshuffled per epoch
+    assert batches == data.length_bucketed_batches(lengths, batch_size=8, bucket=16, seed=1)  # resumable
+    assert batches != data.length_bucketed_batches(lengths, batch_size=8, bucket=16, seed=2)  # reshuffled per epoch
 
 
 @pytest.mark.slow
