@@ -39,10 +39,10 @@ def main():
     n = len(records)
     counts = {"one_round": 0, "two_round": 0, "malformed": 0, "first_accuracy": 0, "second_accuracy": 0}
     for r, o in zip(records, outs):
-        p = rewards.parse_response(o[0]["text"])
-        counts[["malformed", "one_round", "two_round"][p.rounds]] += 1
-        counts["first_accuracy"] += p.rounds > 0 and rewards.is_correct(p.answer1, r["answer"], r["choices"])
-        counts["second_accuracy"] += p.rounds == 2 and rewards.is_correct(p.answer2, r["answer"], r["choices"])
+        what = rewards.outcome(o[0]["text"], r["answer"], r["choices"])  # the same judge as training's metrics
+        counts[["malformed", "one_round", "two_round"][int(what["rounds"])]] += 1
+        counts["first_accuracy"] += what["first_correct"]
+        counts["second_accuracy"] += what["rounds"] == 2 and what["final_correct"]  # A2 of two-round responses only
     print(json.dumps({"n": n, **{k: v / n for k, v in counts.items()}, "seconds": round(time.time() - t0, 1)}))
 
 

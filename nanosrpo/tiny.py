@@ -91,12 +91,10 @@ def ensure_policy(cache_dir: str, size: str = "1m", text_only: bool = False, sta
     run_dir, tmp = root / f"{stage}-run", root / f"{stage}-run.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     # The child must train single-process even when we run under `accelerate launch` / torchrun: without their
-    # variables it does not try to join our process group. The OMP_NUM_THREADS=1 that torchrun and `accelerate launch`
-    # export would starve it of cores (train_sft.py then takes them all: model.use_cpu_cores).
+    # variables it does not try to join our process group. (The OMP_NUM_THREADS=1 they export does not starve it:
+    # a single CPU process takes every core, see model.use_cpu_cores.)
     launcher = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT"}
     env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
-    if env.keys() != os.environ.keys():
-        env.pop("OMP_NUM_THREADS", None)
     cmd = [sys.executable, str(repo / "train_sft.py"), "--stage", stage, "--cache_dir", cache_dir, "--tiny_size", size,
            "--text_only", str(text_only), "--out_dir", str(tmp), *RECIPE[stage]]
     print(f"building the tiny {stage} policy (once, cached in {dest}): {' '.join(cmd[1:])}", flush=True)
