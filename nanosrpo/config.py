@@ -25,6 +25,20 @@ class CommonConfig:
 
 
 @dataclass
+class EngineConfig:
+    """Generation options (nanosrpo/engine.py), shared by every script that samples from a policy."""
+
+    engine: str = field(default="transformers", metadata={"help": "generation engine: transformers or vllm"})
+    max_new_tokens: int = field(default=200, metadata={"help": "max response tokens"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs are scored at it too)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    gen_batch_size: int = field(default=64, metadata={"help": "transformers engine: sequences per generate call"})
+    vllm_gpu_memory_utilization: float = field(default=0.15, metadata={"help": "vLLM memory fraction (CPU: of RAM)"})
+    vllm_sleep: bool = field(default=False, metadata={"help": "GPU: put vLLM to sleep (level 1) while training"})
+    vllm_max_model_len: int = field(default=1024, metadata={"help": "vLLM context length (prompt + response tokens)"})
+
+
+@dataclass
 class SFTConfig(CommonConfig):
     out_dir: str = field(default="out/sft", metadata={"help": "where checkpoints, metrics.jsonl and run.json go"})
     model: str = field(default=TINY, metadata={"help": "policy to fine-tune: local path, hub id, or 'tiny' (see --stage)"})
@@ -53,7 +67,7 @@ class SFTConfig(CommonConfig):
 
 
 @dataclass
-class GRPOConfig(CommonConfig):
+class GRPOConfig(EngineConfig, CommonConfig):
     model: str = field(default=TINY, metadata={"help": "initial policy: local path, hub id, or 'tiny' (reflection SFT)"})
     data: str = field(default=TINY, metadata={"help": "RL JSONL {id, question, image, answer, choices}, or 'tiny'"})
     image_dir: str = field(default="", metadata={"help": "folder image paths resolve against (default: data's folder)"})
@@ -63,14 +77,9 @@ class GRPOConfig(CommonConfig):
     alpha: float = field(default=0.1, metadata={"help": "weight of the length reward f_len"})
     use_effectiveness: bool = field(default=True, metadata={"help": "ablation: keep the I_eff term (paper Table 4)"})
     use_length: bool = field(default=True, metadata={"help": "ablation: keep the alpha * f_len term (paper Table 4)"})
-    # --- rollouts
-    engine: str = field(default="transformers", metadata={"help": "generation engine: transformers or vllm"})
+    # --- rollouts (the engine options are EngineConfig's)
     group_size: int = field(default=8, metadata={"help": "completions per prompt (G)"})
     rollout_batch_size: int = field(default=8, metadata={"help": "prompts per step, all processes together"})
-    max_new_tokens: int = field(default=200, metadata={"help": "max response tokens"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs are scored at it too)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-    gen_batch_size: int = field(default=64, metadata={"help": "transformers engine: sequences per generate call"})
     filter_accuracy: bool = field(default=False, metadata={"help": "keep groups with mean accuracy in [filter_low, filter_high] (dynamic sampling)"})
     filter_low: float = field(default=0.1, metadata={"help": "accuracy filter lower bound"})
     filter_high: float = field(default=0.9, metadata={"help": "accuracy filter upper bound"})
@@ -104,21 +113,17 @@ class GRPOConfig(CommonConfig):
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in out_dir"})
     report_to: str = field(default="", metadata={"help": "accelerate trackers: tensorboard, wandb, ... ('' = none)"})
     plot: bool = field(default=True, metadata={"help": "draw training-dynamics PNGs at the end (needs matplotlib)"})
-    # --- vLLM engine
-    vllm_gpu_memory_utilization: float = field(default=0.15, metadata={"help": "vLLM memory fraction (CPU: of RAM)"})
-    vllm_sleep: bool = field(default=False, metadata={"help": "GPU: put vLLM to sleep (level 1) while training"})
-    vllm_max_model_len: int = field(default=1024, metadata={"help": "vLLM context length (prompt + response tokens)"})
     is_cap: float = field(default=0.0, metadata={"help": "truncated importance sampling for engine/trainer log-prob mismatch: cap (e.g. 3.0); 0 = off"})
 
 
 @dataclass
-class CurateConfig(CommonConfig):
+class CurateConfig(EngineConfig, CommonConfig):
     model: str = field(default=TINY, metadata={"help": "policy whose first attempts get reflections"})
     data: str = field(default=TINY, metadata={"help": "RL-layout JSONL of questions with gold answers"})
 
 
 @dataclass
-class EvalConfig(CommonConfig):
+class EvalConfig(EngineConfig, CommonConfig):
     model: str = field(default=TINY, metadata={"help": "policy to evaluate: local path, hub id, or 'tiny'"})
     data: str = field(default=TINY, metadata={"help": "eval JSONL {id, question, image, answer, choices}, or 'tiny'"})
 
