@@ -11,15 +11,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nanosrpo import data, model, prompts, synthetic  # noqa: E402
+from nanosrpo import data, model, prompts, synthetic, tiny  # noqa: E402
 
 
 def main():
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp())
     print(f"torch threads: {torch.get_num_threads()}")
-    for size in model.TINY_SIZES:
-        info = model.build_tiny(tmp / size, size=size)
+    for size in tiny.TINY_SIZES:
+        info = tiny.build_tiny(tmp / size, size=size)
         policy, processor = model.load_policy(str(tmp / size))
         samples = []
         for i in range(8):

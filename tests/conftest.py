@@ -14,10 +14,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A tiny Qwen2.5-VL policy (0.2M params) built once per test session and saved with save_pretrained."""
-    from nanosrpo import model
+    from nanosrpo import tiny
 
     path = tmp_path_factory.mktemp("tiny") / "policy"
-    model.build_tiny(path, size="0.2m", seed=0)
+    tiny.build_tiny(path, size="0.2m", seed=0)
     return path
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from nanosrpo import data, model, prompts, synthetic
+from nanosrpo import data, model, prompts, synthetic, tiny
 from tests.conftest import ROOT
 
 
@@ -24,7 +24,7 @@ def test_tiny_model_roundtrip_forward_backward_generate(tiny_dir, tmp_path):
     policy, processor = model.load_policy(str(tiny_dir))  # the same from_pretrained path as a hub checkpoint
     assert type(policy).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert type(processor).__mro__[1].__name__ == "Qwen2_5_VLProcessor"
-    for t in model.SPECIAL_TOKENS:
+    for t in tiny.SPECIAL_TOKENS:
         assert processor.tokenizer.convert_tokens_to_ids(t) != processor.tokenizer.unk_token_id
     prob = synthetic.make_problem(0, 1, 0)
     synthetic.render(prob).save(tmp_path / "x.png")
@@ -45,16 +45,16 @@ def test_tiny_model_roundtrip_forward_backward_generate(tiny_dir, tmp_path):
 
 
 def test_tiny_build_is_deterministic_and_saves_all_parts(tmp_path):
-    a = model.build_tiny(tmp_path / "a", size="0.2m", seed=3)
-    model.build_tiny(tmp_path / "b", size="0.2m", seed=3)
+    a = tiny.build_tiny(tmp_path / "a", size="0.2m", seed=3)
+    tiny.build_tiny(tmp_path / "b", size="0.2m", seed=3)
     for name in ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "chat_template.jinja"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert 1e5 < a["params"] < 1e6
 
 
 def test_text_only_twin_shares_tokenizer(tmp_path):
-    model.build_tiny(tmp_path / "vl", size="0.2m")
-    model.build_tiny(tmp_path / "text", size="0.2m", text_only=True)
+    tiny.build_tiny(tmp_path / "vl", size="0.2m")
+    tiny.build_tiny(tmp_path / "text", size="0.2m", text_only=True)
     twin, tok = model.load_policy(str(tmp_path / "text"))
     assert type(twin).__name__ == "Qwen2ForCausalLM"
     _, proc = model.load_policy(str(tmp_path / "vl"))

