@@ -81,12 +81,6 @@ def parse_response(text: str) -> Parsed:
     return MALFORMED
 
 
-def final_answer(text: str) -> str | None:
-    """The last round's answer of a well-formed response, else None."""
-    p = parse_response(text)
-    return {1: p.answer1, 2: p.answer2}.get(p.rounds)
-
-
 def _lenient_blocks(text: str, name: str) -> list[str]:
     """All `<name>...</name>` contents, matched like re.findall(r"<name>(.*?)</name>", re.S)
     (what the released code did), but in linear time: an open tag runs to the next close
@@ -125,7 +119,7 @@ def _timeout() -> int | None:
     return 5 if threading.current_thread() is threading.main_thread() else None
 
 
-def _unwrap(s: str) -> str:
+def _strip_wrappers(s: str) -> str:
     """Peel `$...$`, `\\boxed{...}`, `\\text{...}` and `**...**` wrappers off a short answer."""
     s = s.strip()
     for _ in range(4):  # a few layers at most, e.g. $\boxed{B}$
@@ -146,7 +140,7 @@ def _letter_of(s: str) -> str | None:
 
 def _norm_text(s: str) -> str:
     """Loose string form for comparing an answer with a choice's text."""
-    return " ".join(_unwrap(s).casefold().split()).rstrip(".")
+    return " ".join(_strip_wrappers(s).casefold().split()).rstrip(".")
 
 
 def _parse_math(s: str, no_fallback: bool = False) -> list:
@@ -185,7 +179,7 @@ def _choices_key(choices) -> tuple | None:
 @lru_cache(maxsize=65536)
 def _parse_gold(gold: str, choices: tuple | None) -> _Gold:
     """Parse a gold answer once; every rollout of the same prompt reuses the result."""
-    m = _GOLD_LETTER.fullmatch(_unwrap(gold))
+    m = _GOLD_LETTER.fullmatch(_strip_wrappers(gold))
     # without choices only an uppercase letter is a choice letter: a lone "x" or "e" is math
     if m and (choices is not None or m.group(1).isupper()):
         letter = m.group(1).upper()
@@ -219,7 +213,7 @@ def is_correct(answer_text: str | None, gold, choices=None) -> bool:
     g = _parse_gold(str(gold), _choices_key(choices))
     if not isinstance(answer_text, str) or len(answer_text) > MAX_ANSWER_CHARS:
         return False
-    s = _unwrap(answer_text)
+    s = _strip_wrappers(answer_text)
     if not s:
         return False
     if g.letter is not None:
@@ -244,11 +238,19 @@ def is_correct(answer_text: str | None, gold, choices=None) -> bool:
 
 KEYS = ("total", "format", "accuracy", "reflection", "effectiveness", "length")
 
+# The paper's weights (Eqs. 4-8): a well-formed response earns R_FORMAT, a right first answer R_ACCURACY, and a
+# well-formed reflection I_REF; the plain GRPO baseline pays R_ACCURACY_GRPO for its one answer.
+R_FORMAT = 0.5
+R_ACCURACY = 0.5
+I_REF = 0.25
+R_ACCURACY_GRPO = 1.0
 # I_eff (paper): reward fixing a wrong answer most, penalize breaking a right one.
 I_EFF = {(True, True): 0.25, (False, True): 0.5, (False, False): 0.0, (True, False): -0.25}
 # released code: correctness and effectiveness merged into one "accuracy" number.
 # Note the ranking flips vs. the paper: wrong->right (1.0) beats right->right (0.75).
 CODE_ACC = {(True, True): 0.75, (False, True): 1.0, (False, False): 0.0, (True, False): 0.25}
+# The largest "accuracy" term of each variant: the accuracy filter compares accuracy / ACCURACY_MAX with its bounds.
+ACCURACY_MAX = {"paper": R_ACCURACY, "code": max(CODE_ACC.values()), "grpo": R_ACCURACY_GRPO}
 
 
 def count_words(s: str) -> int:
@@ -294,18 +296,18 @@ def srpo_reward(response: str, answer, count_tokens=count_words, variant: str = 
     if variant == "grpo":  # one round only; a two-round response is off-format for GRPO
         if p.rounds != 1:
             return _scores()
-        return _scores(0.5, 1.0 * is_correct(p.answer1, answer, choices))
+        return _scores(R_FORMAT, R_ACCURACY_GRPO * is_correct(p.answer1, answer, choices))
 
     # paper, Eqs. 4-8
     if p.rounds == 0:
         return _scores()
     c1 = is_correct(p.answer1, answer, choices)
     if p.rounds == 1:
-        return _scores(0.5, 0.5 * c1)
+        return _scores(R_FORMAT, R_ACCURACY * c1)
     c2 = is_correct(p.answer2, answer, choices)
     eff = I_EFF[(c1, c2)] if use_effectiveness else 0.0
     length = alpha * _length(response, p.think1, p.answer1, count_tokens) if use_length else 0.0
-    return _scores(0.5, 0.5 * c1, 0.25, eff, length)
+    return _scores(R_FORMAT, R_ACCURACY * c1, I_REF, eff, length)
 
 
 def _code_reward(response, answer, count_tokens, alpha, choices) -> dict[str, float]:
@@ -320,7 +322,7 @@ def _code_reward(response, answer, count_tokens, alpha, choices) -> dict[str, fl
     if len(thinks) < 2 or len(answers) < 2:
         return _scores()
     start = response.find("<think>")
-    fmt = 0.5 if parse_response(response[start:]).rounds == 2 else 0.0
+    fmt = R_FORMAT if parse_response(response[start:]).rounds == 2 else 0.0
     c1 = is_correct(answers[0].strip(), answer, choices)
     c2 = is_correct(answers[-1].strip(), answer, choices)
     length = alpha * _length(response, thinks[0], answers[0], count_tokens)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from nanosrpo.rewards import (KEYS, MAX_ANSWER_CHARS, _parse_gold, f_len, final_answer, is_correct,
+from nanosrpo.rewards import (KEYS, MAX_ANSWER_CHARS, _parse_gold, f_len, is_correct,
                               parse_response, srpo_reward, validate_gold)
 
 E1 = math.exp(-1)
@@ -39,7 +39,7 @@ def assert_scores(got, want):
 
 
 # -----------------------------------------------------------------------------
-# parse_response / final_answer
+# parse_response
 
 @pytest.mark.parametrize("text, want", [
     (one("21"), (1, "a b c", "21", None, None, None)),
@@ -86,12 +86,6 @@ MALFORMED = {
 @pytest.mark.parametrize("text", MALFORMED.values(), ids=MALFORMED.keys())
 def test_parse_malformed(text):
     assert tuple(parse_response(text)) == (0, None, None, None, None, None)
-    assert final_answer(text) is None
-
-
-@pytest.mark.parametrize("text, want", [(one("7"), "7"), (two("7", "8"), "8"), ("junk", None), (None, None)])
-def test_final_answer(text, want):
-    assert final_answer(text) == want
 
 
 # -----------------------------------------------------------------------------
@@ -160,7 +154,9 @@ def test_bad_gold_is_an_error(gold, choices):
 @pytest.mark.parametrize("gold, choices", [("21", None), (21, None), ("\\frac{1}{2}", None), ("B", None),
                                            ("B", CHOICES), ("Paris", ["London", "Paris"])])
 def test_validate_gold_ok(gold, choices):
-    validate_gold(gold, choices)
+    validate_gold(gold, choices)  # does not raise
+    assert is_correct(str(gold), gold, choices)  # and the gold, given as an answer, is judged right
+    assert not is_correct("an unrelated answer", gold, choices)
 
 
 def test_gold_is_parsed_once():
