@@ -6,10 +6,12 @@ plain GRPO (Shao et al. 2024, DeepSeekMath), with the variants people compare ag
   - DAPO:     asymmetric clipping (clip_high > clip_low, "clip-higher") and a token-level mean over the whole batch.
   - Dr. GRPO: no std normalisation, and token sums divided by a constant length instead of each sequence's length.
 
-Three pure functions, no I/O, no sampling:
+No I/O, no sampling:
   group_advantages(rewards, group_size)          -> [N]      one advantage per completion
   policy_loss(logprobs, old, adv, mask, ...)     -> loss, stats
   sequence_logprobs(model, batch)                -> [B, T]   log p(token_t | tokens_<t), 0 at t = 0
+  keep_group(accuracies, rewards)                -> bool     the accuracy filter of dynamic sampling
+  logprobs_by_sample / stack_rows                            per-sample log-prob rows for old / reference policies
 """
 
 from typing import Optional
@@ -70,6 +72,7 @@ def policy_loss(
     aggregation: str = "seq-mean-token-mean",
     max_len: Optional[int] = None,
     token_weights: Optional[torch.Tensor] = None,
+    normalizer: Optional[float] = None,
 ) -> tuple[torch.Tensor, dict]:
     """The clipped surrogate loss of GRPO (PPO's objective with group-relative advantages), to be minimised.
 
@@ -78,6 +81,11 @@ def policy_loss(
     completion tokens. Positions where mask is 0 contribute nothing, whatever value they hold (even inf/NaN-prone ones).
     token_weights [B, T] (optional, constants) scale each token's policy-gradient term: the truncated importance
     weights min(pi_trainer / pi_engine, cap) that correct for a sampling engine whose numbers differ from the trainer's.
+    normalizer: the denominator of the aggregation over the whole optimizer update, when this batch is one of its
+    micro-batches: the update's valid tokens on all processes (token-mean) or its sequences on all processes (the
+    seq-mean variants). The caller sums the micro-batch losses (backward of each) and multiplies by the number of
+    processes (DDP/FSDP average gradients over them); the gradient is then exactly the whole update's. Default: this
+    batch alone (its own valid tokens, or its B sequences).
     Returns (scalar loss, stats) where stats are python floats over the valid tokens.
     """
     if aggregation not in AGGREGATIONS:
@@ -105,11 +113,12 @@ def policy_loss(
     per_token = per_token * m  # mask is exactly 0 on padding, and the values there are finite by construction
     n_tokens = m.sum(dim=1).clamp(min=1.0)  # >= 1 so a completion with no valid token gives 0, not NaN
     if aggregation == "seq-mean-token-mean":  # GRPO (and the SRPO runs): mean over each sequence, then over sequences
-        loss = (per_token.sum(dim=1) / n_tokens).mean()
-    elif aggregation == "token-mean":  # DAPO: every valid token in the batch weighs the same, long answers count more
-        loss = per_token.sum() / m.sum().clamp(min=1.0)
+        total, default = (per_token.sum(dim=1) / n_tokens).sum(), logprobs.shape[0]
+    elif aggregation == "token-mean":  # DAPO: every valid token of the update weighs the same, long answers count more
+        total, default = per_token.sum(), m.sum().clamp(min=1.0)
     else:  # Dr. GRPO: token sum over a constant length, so the loss has no per-sequence length bias
-        loss = (per_token.sum(dim=1) / (max_len if max_len is not None else mask.shape[1])).mean()
+        total, default = (per_token.sum(dim=1) / (max_len if max_len is not None else mask.shape[1])).sum(), logprobs.shape[0]
+    loss = total / (normalizer if normalizer is not None else default)
 
     with torch.no_grad():
         n = m.sum().clamp(min=1.0)
@@ -132,21 +141,12 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
 
 
-def sequence_logprobs(
-    model,
-    batch: dict,
-    logits_to_keep: Optional[int] = None,
-    chunk_size: int = 1024,
-    temperature: float = 1.0,
-) -> torch.Tensor:
+def sequence_logprobs(model, batch: dict, chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
     """Per-token log-probabilities [B, T]: out[:, t] = log p(input_ids[:, t] | input_ids[:, :t]); out[:, 0] = 0.
 
     One forward pass over the whole batch (text, images, M-RoPE positions: Qwen2.5-VL derives its 3-D position ids
     from input_ids, attention_mask and image_grid_thw when position_ids are not given, so left or right padding both
     work). Positions where attention_mask is 0 are 0; callers multiply by their completion mask anyway.
-
-    logits_to_keep=K scores only the last K positions (the rest are 0) and asks the model for just K + 1 logit rows,
-    which is the saving when prompts are left-padded and completions sit at the end of the row.
     temperature: rollouts sampled at temperature tau must be scored with logits / tau.
 
     Memory (the chunking): the model returns logits [B, T, V] in its own dtype (bf16 in training); upcasting that to
@@ -158,24 +158,20 @@ def sequence_logprobs(
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
     input_ids = inputs["input_ids"]
     B, T = input_ids.shape
-    if logits_to_keep is not None:
-        inputs["logits_to_keep"] = logits_to_keep + 1  # +1: the row before the first kept token predicts it
-    logits = model(**inputs, use_cache=False).logits  # [B, K, V], K = T or logits_to_keep + 1
-    K = logits.shape[1]
+    logits = model(**inputs, use_cache=False).logits  # [B, T, V]
 
     # logits[:, j] predicts the token after it; the last row predicts past the end and is dropped below.
-    targets = input_ids[:, T - K + 1 :]  # [B, K - 1]
-    targets = torch.cat([targets, torch.zeros_like(targets[:, :1])], dim=1)  # dummy target for the dropped row
-    flat_logits, flat_targets = logits.reshape(B * K, -1), targets.reshape(B * K)  # a view: logits are contiguous
+    targets = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)  # dummy target for that row
+    flat_logits, flat_targets = logits.reshape(B * T, -1), targets.reshape(B * T)  # a view: logits are contiguous
 
     use_ckpt = torch.is_grad_enabled() and flat_logits.requires_grad
     parts = []
-    for s in range(0, B * K, chunk_size):
+    for s in range(0, B * T, chunk_size):
         args = (flat_logits[s : s + chunk_size], flat_targets[s : s + chunk_size], temperature)
         parts.append(checkpoint(_token_logprobs, *args, use_reentrant=False) if use_ckpt else _token_logprobs(*args))
-    scored = torch.cat(parts).view(B, K)[:, :-1]  # [B, K - 1]: log-probs of tokens T-K+1 .. T-1
+    scored = torch.cat(parts).view(B, T)[:, :-1]  # [B, T - 1]: log-probs of tokens 1 .. T-1
 
-    out = torch.cat([scored.new_zeros(B, T - K + 1), scored], dim=1)  # [B, T]; position 0 has no context
+    out = torch.cat([scored.new_zeros(B, 1), scored], dim=1)  # [B, T]; position 0 has no context
     if "attention_mask" in inputs:
         out = out * inputs["attention_mask"].to(out.dtype)  # padding is not a token of the sample
     return out
@@ -185,20 +181,22 @@ def sequence_logprobs(
 def keep_group(rewards: list[float], accuracies: list[float], low: float = 0.1, high: float = 0.9) -> bool:
     """The accuracy filter of the SRPO runs (DAPO-style dynamic sampling): a prompt's group is trained on only if its
     mean accuracy lies in [low, high] and its rewards are not all equal (an all-equal group has zero advantages and
-    carries no signal; a too-easy or too-hard prompt mostly wastes a slot in the batch)."""
+    carries no signal; a too-easy or too-hard prompt mostly wastes a slot in the batch). `accuracies` are each
+    rollout's accuracy reward as a fraction of its largest value (see rewards.ACCURACY_MAX)."""
     acc = sum(accuracies) / len(accuracies)
     return low <= acc <= high and max(rewards) > min(rewards)
 
 
 @torch.no_grad()
 def logprobs_by_sample(model, batches, temperature: float = 1.0) -> list[torch.Tensor]:
-    """sequence_logprobs over right-padded micro-batches, one unpadded row per sample (on the CPU), in order.
+    """sequence_logprobs over right-padded micro-batches ((indices, batch) pairs, as data.micro_batches yields them),
+    one unpadded row per sample (on the CPU), in order.
 
     Used for the old policy's log-probs (several updates per step) and the frozen reference's: computed once per step,
     then looked up per sample whatever mini-batch the sample lands in.
     """
     rows = []
-    for batch in batches:
+    for _, batch in batches:
         lp = sequence_logprobs(model, batch, temperature=temperature).float().cpu()
         rows += [lp[i, : int(n)] for i, n in enumerate(batch["attention_mask"].sum(1))]
     return rows

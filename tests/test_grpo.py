@@ -205,11 +205,12 @@ def test_unknown_aggregation():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from nanosrpo import model as M
+    from nanosrpo import tiny as T
     from nanosrpo import prompts as P
     from nanosrpo import synthetic as S
 
     path = tmp_path_factory.mktemp("tiny") / "tiny"
-    M.build_tiny(path, size="0.2m", seed=0)
+    T.build_tiny(path, size="0.2m", seed=0)
     model, processor = M.load_policy(str(path), attn_implementation="sdpa")
     model.eval()
     texts, images = [], []
@@ -262,16 +263,12 @@ def test_sequence_logprobs_matches_naive_for_both_paddings(tiny):
                 torch.testing.assert_close(got, want_batch, atol=1e-5, rtol=0)
 
 
-def test_sequence_logprobs_temperature_and_logits_to_keep(tiny):
+def test_sequence_logprobs_temperature(tiny):
     model, encode = tiny
     batch = encode([0, 1], "left")
     with torch.no_grad():
         want = naive_logprobs(model, batch, temperature=0.7) * batch["attention_mask"]
         torch.testing.assert_close(grpo.sequence_logprobs(model, batch, temperature=0.7), want, atol=1e-5, rtol=0)
-        K = 30  # left padding puts every completion at the end of its row
-        got = grpo.sequence_logprobs(model, batch, logits_to_keep=K, temperature=0.7)
-        torch.testing.assert_close(got[:, -K:], want[:, -K:], atol=1e-5, rtol=0)
-        assert torch.equal(got[:, :-K], torch.zeros_like(got[:, :-K]))
 
 
 def test_sequence_logprobs_gradients_match_naive(tiny):
@@ -321,3 +318,61 @@ def test_token_weights_scale_the_policy_gradient_term():
     same, _ = grpo.policy_loss(lp, old, adv, mask, token_weights=torch.ones(3, 5))
     double, _ = grpo.policy_loss(lp, old, adv, mask, token_weights=torch.full((3, 5), 2.0))
     assert torch.allclose(same, base) and torch.allclose(double, 2 * base)
+
+
+def test_token_weights_non_uniform_with_padding_match_naive():
+    """TIS weights differ per token, and padding positions hold garbage weights (inf): the loss is the naive weighted
+    per-token mean over the valid tokens only."""
+    logprobs, old, _, adv, mask = random_batch(B=4, T=9, seed=5)
+    w = torch.rand(4, 9, generator=torch.Generator().manual_seed(1), dtype=logprobs.dtype) * 3
+    w = torch.where(mask.bool(), w, torch.full_like(w, float("inf")))
+    got, _ = grpo.policy_loss(logprobs, old, adv, mask, 0.2, 0.28, token_weights=w)
+    want = 0.0
+    for i in range(4):
+        terms = []
+        for t in range(9):
+            if mask[i, t]:
+                ratio = torch.exp(logprobs[i, t] - old[i, t])
+                terms.append(-torch.minimum(ratio * adv[i], ratio.clamp(0.8, 1.28) * adv[i]) * w[i, t])
+        want = want + sum(terms) / len(terms)
+    assert torch.isfinite(got) and got.item() == pytest.approx(float(want / 4), rel=1e-9)
+
+
+@pytest.mark.parametrize("aggregation", AGGS)
+def test_micro_batches_on_processes_add_up_to_the_whole_update(aggregation):
+    """What train_grpo.py does with one update of 8 sequences on 2 processes x 2 micro-batches: each micro-batch's loss
+    uses the whole update's denominator (`normalizer`), backward of loss * world, gradients averaged over processes
+    (as DDP/FSDP do). The gradient must equal the naive whole-batch loss's, lengths uneven."""
+    logprobs, old, _, adv, mask = random_batch(B=8, T=12, seed=3)
+    lp = logprobs.clone().requires_grad_()
+    (want,) = torch.autograd.grad(naive_loss(lp, old, adv, mask, 0.2, 0.28, None, 0.0, aggregation), lp)
+    world = 2
+    normalizer = float(mask.sum()) if aggregation == "token-mean" else 8.0
+    averaged = torch.zeros_like(logprobs)
+    for rank in range(world):
+        lp = logprobs.clone().requires_grad_()
+        for mb in ([rank * 4, rank * 4 + 1], [rank * 4 + 2, rank * 4 + 3]):
+            loss, _ = grpo.policy_loss(lp[mb], old[mb], adv[mb], mask[mb], 0.2, 0.28, aggregation=aggregation,
+                                       normalizer=normalizer)
+            (loss * world).backward()
+        averaged += lp.grad / world
+    torch.testing.assert_close(averaged, want)
+    if aggregation == "token-mean":  # the old way, a per-micro-batch token mean weighted by sequences, is not DAPO's
+        lp = logprobs.clone().requires_grad_()
+        for mb in ([0, 1], [2, 3], [4, 5], [6, 7]):
+            loss, _ = grpo.policy_loss(lp[mb], old[mb], adv[mb], mask[mb], 0.2, 0.28, aggregation=aggregation)
+            (loss * 2 / 8).backward()
+        assert not torch.allclose(lp.grad, want)
+
+
+@pytest.mark.parametrize("rewards, accuracies, keep", [
+    ([1.0, 0.0, 1.0, 0.0], [1, 0, 1, 0], True),  # mean accuracy 0.5, rewards differ
+    ([1.0, 1.0, 1.0, 1.0], [1, 1, 1, 1], False),  # too easy (and no signal)
+    ([0.0, 0.0, 0.0, 0.0], [0, 0, 0, 0], False),  # too hard
+    ([1.2, 1.0, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5], True),  # every accuracy 0.5 and rewards differ: in bounds
+    ([1.0, 0.0, 0.0, 0.0], [0.05, 0.0, 0.0, 0.0], False),  # mean 0.0125 < 0.1
+    ([1.0, 1.0, 1.0, 0.9], [1.0, 1.0, 1.0, 0.7], False),  # mean 0.925 > 0.9
+    ([1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 1.0, 0.0], False),  # in bounds but every reward equal: zero advantages
+])
+def test_keep_group(rewards, accuracies, keep):
+    assert grpo.keep_group(rewards, accuracies, 0.1, 0.9) == keep
