@@ -4,18 +4,17 @@
     accelerate launch --config_file accelerate_fsdp.yaml train_grpo.py --preset qwen2.5-vl-7b \
         --model <reflection-SFT checkpoint> --data rl.jsonl          # the paper's run on 8 GPUs
 
-One step, top to bottom (DESIGN.md's data flow):
-  1. sample prompts, render them with the SRPO system prompt (images attached)
-  2. generate group_size completions per prompt with the engine, keeping the sampled token ids
+One step, top to bottom:
+  1. draw prompts, render them with the SRPO system prompt (images attached)
+  2. sample group_size completions per prompt with the engine, keeping the sampled token ids
   3. score each completion with the SRPO reward; group-normalised advantages
   4. (optional) accuracy filter with dynamic sampling: draw more prompts until the batch is full
-  5. old log-probs, then ppo_epochs x mini-batches of the clipped policy loss, AdamW, cosine schedule
+  5. ppo_epochs x updates of train_batch_size sequences of the clipped policy loss, in micro-batches; AdamW, cosine
   6. sync the new weights into the engine; log, eval, checkpoint
 """
 
 import math
 import time
-from contextlib import nullcontext
 
 import torch
 from accelerate import Accelerator
@@ -23,195 +22,165 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from nanosrpo import checkpoint, config, data, engine, evaluation, grpo, log, model, prompts, rewards, tiny
+from nanosrpo import checkpoint, config, data, engine, evaluation, grpo, log, model, optim, prompts, rewards, rollout, tiny
 
 
 def main(argv=None):
     cfg = config.parse(config.GRPOConfig, argv)
     # step_scheduler_with_optimizer=False: we step the schedule once per update (accelerate would step it per process)
-    acc = Accelerator(log_with=cfg.report_to or None, project_dir=cfg.out_dir, step_scheduler_with_optimizer=False)
-    rank, world = acc.process_index, acc.num_processes
-    model.use_cpu_cores(acc, cfg.cpu_threads)
-    if cfg.rollout_batch_size % world or cfg.train_batch_size % world:
-        raise SystemExit(f"rollout_batch_size and train_batch_size must be divisible by the {world} processes")
-    two_round = cfg.reward != "grpo"  # SRPO asks for think/answer/reflection/think/answer; the GRPO baseline for one round
-    system = prompts.system_prompt(reflection=two_round)
+    accelerator = Accelerator(log_with=cfg.report_to or None, project_dir=cfg.out_dir, step_scheduler_with_optimizer=False)
+    world = accelerator.num_processes
+    model.use_cpu_cores(accelerator, cfg.cpu_threads)
+    per_update, updates_per_step = config.grpo_update_plan(cfg, world)  # refuses uneven splits before anything loads
+    two_round = cfg.reward_variant != "grpo"  # SRPO asks for think/answer/reflection/think/answer; GRPO for one round
+    system = prompts.system_prompt(reflection=two_round, style=cfg.system_prompt)
 
     # ---- the policy and the data (the tiny world is built on first use, one process at a time)
-    with acc.main_process_first():
-        if config.TINY in (cfg.model, cfg.data, cfg.eval_data):
-            world_paths = tiny.ensure_world(cfg.cache_dir, cfg.tiny_size, cfg.text_only)
-        policy_path = cfg.model
-        if cfg.model == config.TINY:  # SRPO starts from the reflection cold start; the GRPO baseline from the base model
-            stage = "reflect" if two_round else "base"
-            policy_path = tiny.ensure_policy(cfg.cache_dir, cfg.tiny_size, cfg.text_only, stage=stage)
-        data_path = world_paths["train"] if cfg.data == config.TINY else cfg.data
-        eval_path = world_paths["eval"] if cfg.eval_data == config.TINY else cfg.eval_data
-        records = data.load_rl_records(data_path, cfg.image_dir or None)
-        eval_records = data.load_rl_records(eval_path, cfg.image_dir or None)[: cfg.eval_size] if eval_path else []
-    policy, processor = model.load_policy(policy_path)
+    with accelerator.main_process_first():  # SRPO starts from the reflection cold start; the GRPO baseline from base
+        paths = tiny.resolve(cfg, policy="reflect" if two_round else "base")
+        records = data.load_rl_records(paths["data"], cfg.image_dir or None)
+        eval_records = data.load_rl_records(paths["eval_data"], cfg.image_dir or None)[: cfg.eval_size] if paths["eval_data"] else []
+    policy, processor = model.load_policy(paths["model"])
+    model.set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
     tok = data.tokenizer_of(processor)
     if cfg.freeze_vision and model.is_multimodal(policy):
         model.freeze_vision(policy)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ref_policy = None
-    if cfg.kl_coef > 0:  # only then is a frozen copy of the initial policy loaded at all
-        ref_policy = model.load_policy(policy_path)[0].requires_grad_(False).eval().to(acc.device)
 
-    seqs_per_rank = cfg.rollout_batch_size // world * cfg.group_size
-    per_update = cfg.train_batch_size // world
-    updates_per_step = max(1, seqs_per_rank // per_update) * cfg.ppo_epochs
+    # A run is max_steps steps, or (max_steps = 0) as many as `epochs` passes over the data take; the schedule counts
+    # the updates of the plain case (dynamic sampling consumes prompts faster and ends the passes sooner).
     max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(records) / cfg.rollout_batch_size)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     total_updates = max_steps * updates_per_step
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, math.ceil(cfg.warmup_ratio * total_updates), total_updates, min_lr_rate=cfg.min_lr_ratio
     )
-    policy, optimizer, scheduler = acc.prepare(policy, optimizer, scheduler)
-    gen = engine.make(cfg, acc.unwrap_model(policy), processor, policy_path)
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    ref_policy = model.load_reference(paths["model"], accelerator) if cfg.kl_coef > 0 else None
+    gen = engine.make(cfg, accelerator.unwrap_model(policy), processor, paths["model"])
 
     start_step, cursor = 0, 0  # cursor: prompt positions consumed per process (see data.prompt_index)
     if cfg.resume and (ckpt := checkpoint.latest_checkpoint(cfg.out_dir)):
-        state = checkpoint.load_checkpoint(acc, ckpt)
+        state = checkpoint.load_checkpoint(accelerator, ckpt)
         start_step, cursor = state["step"], state["cursor"]
-        gen.sync(acc.unwrap_model(policy))
-        acc.print(f"resumed from {ckpt} at step {start_step}")
-    metrics_log = log.MetricsWriter(cfg.out_dir, enabled=acc.is_main_process, resume_step=start_step if start_step else None)
-    if acc.is_main_process:
-        log.write_run_info(cfg.out_dir, cfg, data=data_path, policy=policy_path, world_size=world)
+        gen.sync(accelerator.unwrap_model(policy))
+        accelerator.print(f"resumed from {ckpt} at step {start_step}")
+    metrics_log = log.MetricsWriter(cfg.out_dir, enabled=accelerator.is_main_process, resume_step=start_step or None)
+    if accelerator.is_main_process:
+        log.write_run_info(cfg.out_dir, cfg, data=paths["data"], policy=paths["model"], world_size=world)
     if cfg.report_to:
-        acc.init_trackers("nanosrpo", config=config.to_dict(cfg))
+        accelerator.init_trackers("nanosrpo", config=config.to_dict(cfg))
 
-    def count_tokens(text: str) -> int:  # f_len measures length in policy tokens
-        return len(tok(text, add_special_tokens=False)["input_ids"])
+    def reward(text: str, rec: dict) -> dict:  # the SRPO reward of one completion (paper Eqs. 4-8)
+        return rewards.srpo_reward(
+            text, rec["answer"], choices=rec["choices"], variant=cfg.reward_variant, alpha=cfg.alpha,
+            use_effectiveness=cfg.use_effectiveness, use_length=cfg.use_length,
+            count_tokens=lambda s: len(tok(s, add_special_tokens=False)["input_ids"]),  # f_len counts policy tokens
+        )
+
+    # Old log-probs, decided once: with one update per step and no TIS the sampling policy *is* the current one, so the
+    # loss takes old = lp.detach() (ratio 1: the plain policy gradient) and no extra forward is spent. Otherwise (several
+    # updates per step, or TIS comparing trainer and engine) they come from one no-grad pass before the first update.
+    on_policy = updates_per_step == 1 and cfg.tis_cap == 0
 
     if start_step == 0 and cfg.eval_every:  # where the policy starts
         metrics_log.write({"step": 0, **evaluation.greedy_eval(gen, eval_records, system, processor, cfg.max_new_tokens)})
-    bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not acc.is_main_process)
+    bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not accelerator.is_main_process)
     for step in bar:
         t0 = time.time()
         # Seeded per (step, rank): a resumed run samples exactly what the uninterrupted run would have.
-        torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+        torch.manual_seed(cfg.seed * 1_000_003 + step * world + accelerator.process_index)
 
-        # ---- 1-4. rollouts: prompts -> completions -> rewards -> advantages, with optional dynamic sampling
-        quota = cfg.rollout_batch_size // world
-        kept, dropped = [], []
-        for _ in range(cfg.max_draws):
-            batch = [records[data.prompt_index((cursor + i) * world + rank, len(records), cfg.seed)] for i in range(quota)]
-            cursor += quota
-            prompt_batch = [data.render_prompt(rec, system, processor) for rec in batch]
-            outs = gen.generate(prompt_batch, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                logprobs=cfg.is_cap > 0)
-            for rec, prompt, group in zip(batch, prompt_batch, outs):
-                scored = [  # the SRPO reward breakdown + what happened (rounds, first/final answer correct)
-                    {**rewards.srpo_reward(c["text"], rec["answer"], count_tokens, cfg.reward, cfg.alpha, rec["choices"],
-                                           cfg.use_effectiveness, cfg.use_length),
-                     **rewards.outcome(c["text"], rec["answer"], rec["choices"]), "tokens": len(c["ids"])}
-                    for c in group
-                ]
-                g = {"rec": rec, "prompt": prompt, "completions": group, "scores": scored}
-                keep = not cfg.filter_accuracy or grpo.keep_group(
-                    [s["total"] for s in scored], [s["final_correct"] for s in scored], cfg.filter_low, cfg.filter_high
-                )
-                (kept if keep else dropped).append(g)
-            # every process draws until all have a full batch: processes must run the same number of updates
-            if not cfg.filter_accuracy or acc.gather(torch.tensor([int(len(kept) >= quota)], device=acc.device)).all():
-                break
-        filtered = len(dropped)
-        groups = (kept + dropped)[:quota]  # a short batch is topped up with filtered groups, their advantages zeroed
-        rewards_t = torch.tensor([s["total"] for g in groups for s in g["scores"]])
-        advantages = grpo.group_advantages(rewards_t, cfg.group_size, normalize_std=cfg.normalize_std)
-        for i, g in enumerate(groups):
-            if i >= len(kept):
-                advantages[i * cfg.group_size : (i + 1) * cfg.group_size] = 0.0
-        samples = [
-            {"input_ids": g["prompt"]["ids"] + c["ids"], "loss_mask": [0] * len(g["prompt"]["ids"]) + [1] * len(c["ids"]),
-             "images": g["prompt"]["images"], "engine_lp": torch.tensor([0.0] * len(g["prompt"]["ids"]) + (c["logprobs"] or []))}
-            for g in groups for c in g["completions"]
-        ]
+        # ---- 1-4. rollouts: prompts -> groups of completions -> rewards -> advantages (with dynamic sampling)
+        batch = rollout.collect(gen, records, cursor, cfg, reward, system, processor, accelerator)
+        cursor, samples, advantages = batch["cursor"], batch["samples"], batch["advantages"]
+        last = step + 1 == max_steps or (not cfg.max_steps and cursor * world >= cfg.epochs * len(records))
         gen.sleep()  # vLLM sleep mode (GPU): free the KV cache and offload its weights while the trainer works
         t_rollout = time.time() - t0
 
-        # ---- 5. the policy update: old log-probs, then ppo_epochs x mini-batches x micro-batches of policy_loss
+        # ---- 5. the update: ppo_epochs x updates of per_update sequences, each in micro-batches of policy_loss
         t1 = time.time()
-        micro = lambda idx: {k: v.to(acc.device) for k, v in data.collate(processor, [samples[i] for i in idx]).items()}  # noqa: E731
-        in_order = lambda: (micro(range(s, min(s + cfg.micro_batch_size, len(samples)))) for s in range(0, len(samples), cfg.micro_batch_size))  # noqa: E731
-        old_lp = ref_lp = None
-        with acc.autocast():
-            # off-policy after the first update (or to compare with the engine): the sampling policy's log-probs
-            if updates_per_step > 1 or cfg.is_cap > 0:
-                old_lp = grpo.logprobs_by_sample(policy, in_order(), cfg.temperature)
-            if ref_policy is not None:
-                ref_lp = grpo.logprobs_by_sample(ref_policy, in_order(), cfg.temperature)
+        policy.train()  # generate() runs in eval mode; gradient checkpointing runs only in train mode
+        with torch.no_grad(), accelerator.autocast():  # one pass over all samples each, before any update
+            every = (samples, cfg.micro_batch_size, processor, accelerator.device)  # all samples, in order
+            old_lp = None if on_policy else grpo.logprobs_by_sample(policy, data.micro_batches(*every), cfg.temperature)
+            ref_lp = None if ref_policy is None else grpo.logprobs_by_sample(ref_policy, data.micro_batches(*every), cfg.temperature)
         order_gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-        losses, stats_all, grad_norms = [], [], []
+        loss_sum, stats_all, grad_norms = 0.0, [], []
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(len(samples), generator=order_gen).tolist()
-            for u in range(0, len(order), per_update):
-                update = order[u : u + per_update]
-                chunks = [update[s : s + cfg.micro_batch_size] for s in range(0, len(update), cfg.micro_batch_size)]
-                for j, idx in enumerate(chunks):
-                    b = micro(idx)
-                    sync_grads = j == len(chunks) - 1  # DDP: all-reduce gradients once per update, not per micro-batch
-                    with nullcontext() if sync_grads else acc.no_sync(policy), acc.autocast():
-                        lp = grpo.sequence_logprobs(policy, b, temperature=cfg.temperature)
-                        width = lp.shape[1]
-                        # on-policy (one update per step): old = current, ratio = 1, the loss is the plain policy gradient
-                        old = lp.detach() if old_lp is None else grpo.stack_rows([old_lp[i] for i in idx], width).to(lp.device)
-                        ref = None if ref_lp is None else grpo.stack_rows([ref_lp[i] for i in idx], width).to(lp.device)
-                        tis = None
-                        if cfg.is_cap > 0:  # truncated importance weights min(pi_trainer / pi_engine, cap)
-                            engine_lp = grpo.stack_rows([samples[i]["engine_lp"] for i in idx], width).to(lp.device)
-                            tis = (old - engine_lp).exp().clamp(max=cfg.is_cap)
+            for update in (order[u : u + per_update] for u in range(0, len(order), per_update)):
+                # the aggregation's denominator over the whole update, all processes: its tokens or its sequences
+                mine = sum(sum(samples[i]["loss_mask"]) for i in update) if cfg.aggregation == "token-mean" else len(update)
+                normalizer = accelerator.reduce(torch.tensor(float(mine), device=accelerator.device), "sum").item()
+                micro = list(data.micro_batches(samples, cfg.micro_batch_size, processor, accelerator.device, update))
+                for j, (idx, mb) in enumerate(micro):
+                    with optim.grad_sync(accelerator, policy, last=j == len(micro) - 1), accelerator.autocast():
+                        lp = grpo.sequence_logprobs(policy, mb, temperature=cfg.temperature)
+                        old = lp.detach() if on_policy else grpo.stack_rows([old_lp[i] for i in idx], lp.shape[1]).to(lp.device)
+                        ref = None if ref_lp is None else grpo.stack_rows([ref_lp[i] for i in idx], lp.shape[1]).to(lp.device)
+                        tis = None  # truncated importance weights min(pi_trainer / pi_engine, cap)
+                        if cfg.tis_cap > 0:
+                            engine_lp = grpo.stack_rows([samples[i]["engine_lp"] for i in idx], lp.shape[1]).to(lp.device)
+                            tis = (old - engine_lp).exp().clamp(max=cfg.tis_cap)
                         loss, stats = grpo.policy_loss(
-                            lp, old, advantages[idx].to(acc.device), b["loss_mask"], cfg.clip_low, cfg.clip_high,
-                            ref, cfg.kl_coef, cfg.aggregation, max_len=cfg.max_new_tokens, token_weights=tis,
+                            lp, old, advantages[idx].to(lp.device), mb["loss_mask"], clip_low=cfg.clip_low,
+                            clip_high=cfg.clip_high, ref_logprobs=ref, kl_coef=cfg.kl_coef, aggregation=cfg.aggregation,
+                            max_len=cfg.max_new_tokens, token_weights=tis, normalizer=normalizer,
                         )
-                        acc.backward(loss * len(idx) / len(update))  # micro-batch means, weighted into the update's mean
-                    losses.append(loss.item())
+                        accelerator.backward(loss * world)  # DDP/FSDP average gradients over processes: * world sums
+                    loss_sum += loss.item()
                     stats_all.append(stats)
-                grad_norms.append(acc.clip_grad_norm_(params, cfg.max_grad_norm).item())
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norms.append(optim.clip_and_step(accelerator, policy, optimizer, scheduler, cfg.max_grad_norm))
+        if accelerator.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the allocator's cached blocks back before vLLM wakes up and claims memory
         t_train = time.time() - t1
 
         # ---- 6. sync the engine, then log
-        t_sync = gen.sync(acc.unwrap_model(policy))
-        m = {"step": step + 1, **log.rollout_metrics([s for gs in gather_object([g["scores"] for g in groups]) for s in gs])}
+        t_sync = gen.sync(accelerator.unwrap_model(policy))
+        m = {"step": step + 1, **log.rollout_metrics([s for gs in gather_object([g["scores"] for g in batch["groups"]]) for s in gs])}
+        counts = accelerator.reduce(torch.tensor([loss_sum, batch["filtered"], batch["short"], sum(len(s["input_ids"]) for s in samples)],
+                                                 dtype=torch.float64, device=accelerator.device), "sum").tolist()
         m.update(
-            loss=sum(losses) / len(losses),
+            loss=counts[0] / len(grad_norms),  # each update's loss (all its micro-batches, all processes), averaged
             grad_norm=sum(grad_norms) / len(grad_norms),
             lr=scheduler.get_last_lr()[0],
-            filtered_groups=acc.gather(torch.tensor([filtered], device=acc.device)).sum().item(),
+            filtered_groups=int(counts[1]),
+            short_groups=int(counts[2]),
             time_rollout_s=t_rollout,
             time_train_s=t_train,
             time_sync_s=t_sync,
-            tokens_per_s=acc.gather(torch.tensor([sum(len(s["input_ids"]) for s in samples)], device=acc.device)).sum().item()
-            / (time.time() - t0),
+            tokens_per_s=counts[3] / (time.time() - t0),
             **{k: sum(s[k] for s in stats_all) / len(stats_all) for k in ("clip_ratio_low", "clip_ratio_high", "kl")},
         )
-        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == max_steps):
+        if m["short_groups"]:
+            accelerator.print(f"warning: step {step + 1}: dynamic sampling drew --max_draws {cfg.max_draws} batches and "
+                              f"still lacked {m['short_groups']} groups that pass the accuracy filter; topped up with "
+                              f"filtered groups at zero advantage")
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
             m.update(evaluation.greedy_eval(gen, eval_records, system, processor, cfg.max_new_tokens))
         metrics_log.write(m)
         if cfg.report_to:
-            acc.log(m, step=step + 1)
+            accelerator.log(m, step=step + 1)
         bar.set_postfix(reward=f"{m['reward_mean']:.2f}", acc=f"{m['accuracy']:.2f}", s=f"{time.time() - t0:.1f}")
-        if acc.is_main_process and cfg.samples_every and step % cfg.samples_every == 0:
-            log.write_samples(cfg.out_dir, step + 1, groups[0]["rec"], groups[0]["completions"], groups[0]["scores"])
-        if (step + 1) % cfg.save_every == 0 or step + 1 == max_steps:
-            checkpoint.save_checkpoint(acc, policy, processor, cfg.out_dir, step + 1, {"cursor": cursor}, cfg.keep_checkpoints)
+        g = batch["groups"][0]
+        if accelerator.is_main_process and cfg.samples_every and step % cfg.samples_every == 0:
+            log.write_samples(cfg.out_dir, step + 1, g["rec"], g["completions"], g["scores"])
+        if (step + 1) % cfg.save_every == 0 or last:
+            checkpoint.save_checkpoint(accelerator, policy, processor, cfg.out_dir, step + 1, {"cursor": cursor}, cfg.keep_checkpoints)
+        if last:  # max_steps, or `epochs` passes over the data (dynamic sampling gets there in fewer steps)
+            break
 
     metrics_log.close()
-    if acc.is_main_process and cfg.plot:
+    if accelerator.is_main_process and cfg.plot:
         from nanosrpo import plots
 
         plots.plot_run(cfg.out_dir)
     if cfg.report_to:  # closes the trackers (not called otherwise: it would tear down the process group under vLLM)
-        acc.end_training()
+        accelerator.end_training()
 
 
 if __name__ == "__main__":
-    main()
+    config.run(main)

@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -42,7 +41,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from nanosrpo import checkpoint, config, data, log, model, tiny
+from nanosrpo import checkpoint, config, data, log, model, optim, tiny
 from nanosrpo.data import IGNORE
 
 
@@ -67,16 +66,9 @@ def main(argv=None):
 
     # ---- the policy and the data. "tiny" is the offline tiny world, built on first use (one process at a time).
     with accelerator.main_process_first():
-        if config.TINY in (cfg.model, cfg.data):
-            world_paths = tiny.ensure_world(cfg.cache_dir, cfg.tiny_size, cfg.text_only)
-        if cfg.model != config.TINY:
-            model_path = cfg.model
-        elif cfg.stage == "base":
-            model_path = world_paths["init"]
-        else:
-            model_path = tiny.ensure_policy(cfg.cache_dir, cfg.tiny_size, cfg.text_only, stage="base")
-        tiny_data = "sft_base" if cfg.stage == "base" else "sft_reflect"
-        data_path = cfg.data if cfg.data != config.TINY else world_paths[tiny_data]
+        base = cfg.stage == "base"
+        paths = tiny.resolve(cfg, policy="init" if base else "base", data="sft_base" if base else "sft_reflect")
+        model_path, data_path = paths["model"], paths["data"]
     policy, processor = model.load_policy(model_path)  # fp32 weights: the optimizer's master copy
     n_frozen = model.freeze_vision(policy) if cfg.freeze_vision else 0
     if cfg.gradient_checkpointing:
@@ -102,7 +94,7 @@ def main(argv=None):
     global_batch = cfg.batch_size * world
     per_epoch = len(data.length_bucketed_batches(lengths, global_batch, cfg.bucket, cfg.seed))
     steps_per_epoch = per_epoch // cfg.grad_accum
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else int(cfg.epochs * steps_per_epoch)
     if total_steps <= 0 or per_epoch == 0:
         raise SystemExit(
             f"{len(samples)} usable records make no full optimizer step of {cfg.batch_size} x {world} processes x "
@@ -157,8 +149,7 @@ def main(argv=None):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             n_real, n_padded = n_real + batch["attention_mask"].sum().item(), n_padded + batch["attention_mask"].numel()
             inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_mask")}
-            # Gradients are all-reduced only on the last micro-batch of the step.
-            with accelerator.no_sync(policy) if i < len(mine) - 1 else nullcontext(), accelerator.autocast():
+            with optim.grad_sync(accelerator, policy, last=i == len(mine) - 1), accelerator.autocast():
                 logits = policy(**inputs).logits[:, :-1]
                 targets = batch["labels"][:, 1:]
                 mb_loss = F.cross_entropy(
@@ -167,11 +158,8 @@ def main(argv=None):
                 # DDP/FSDP average gradients over processes; multiplying by `world` turns that average into the sum.
                 accelerator.backward(mb_loss * world / n_target)
             loss_sum += mb_loss.detach()
-        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optim.clip_and_step(accelerator, policy, optimizer, scheduler, cfg.max_grad_norm)
 
         # ---- metrics (summed over processes), progress, checkpoints.
         totals = torch.tensor([loss_sum.item(), n_real, n_padded], device=accelerator.device)
@@ -203,4 +191,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    config.run(main)

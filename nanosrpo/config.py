@@ -39,81 +39,90 @@ class EngineConfig:
 
 
 @dataclass
-class SFTConfig(CommonConfig):
-    out_dir: str = field(default="out/sft", metadata={"help": "where checkpoints, metrics.jsonl and run.json go"})
-    model: str = field(default=TINY, metadata={"help": "policy to fine-tune: local path, hub id, or 'tiny' (see --stage)"})
-    data: str = field(default=TINY, metadata={"help": "SFT JSONL (messages or sharegpt layout), or 'tiny' (see --stage)"})
+class TrainConfig(CommonConfig):
+    """Options both training scripts share: optimizer, schedule, run length, checkpoints. Defaults are SFT's tiny run;
+    GRPOConfig sets its own defaults for some with `_default` (same option, same help, another value)."""
+
+    model: str = field(default=TINY, metadata={"help": "policy to train: local path, hub id, or 'tiny'"})
     image_dir: str = field(default="", metadata={"help": "folder image paths resolve against (default: data's folder)"})
-    stage: str = field(
-        default="reflect",
-        metadata={"help": "what 'tiny' means: reflect = tiny base on two-round records; base = random init on one-round"},
-    )
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (paper, 7B: 1e-5; the tiny model needs more)"})
-    epochs: int = field(default=2, metadata={"help": "passes over the data (paper: 1)"})
-    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides --epochs when > 0"})
-    batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch per process"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_length: int = field(default=1024, metadata={"help": "records longer than this many tokens (images included) are skipped"})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "linear warmup over this fraction of steps, then cosine to 0"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (paper, 7B: SFT 1e-5, GRPO 1e-6; the tiny model needs more)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "linear warmup over this fraction of optimizer steps, then cosine"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this"})
-    freeze_vision: bool = field(default=True, metadata={"help": "freeze the vision tower and merger (as the reference)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps (SFT) or rollout steps (GRPO); 0: run --epochs"})
+    epochs: float = field(default=2.0, metadata={"help": "passes over the data, used when --max_steps is 0"})
+    freeze_vision: bool = field(default=True, metadata={"help": "freeze the vision tower and merger (visual.*), as the reference"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast on GPU (CPU always trains in fp32)"})
-    bucket: int = field(default=32, metadata={"help": "length bucketing: sort by length within shuffled chunks of this many batches"})
-    save_every: int = field(default=500, metadata={"help": "checkpoint every N optimizer steps (0: only the final one)"})
+    save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (0: only the final one)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept (older ones are deleted; 0: all)"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out_dir, if there is one"})
 
 
+def _default(cls, name: str, value):
+    """The option `name` as `cls` declares it (its help), with another default."""
+    return field(default=value, metadata=cls.__dataclass_fields__[name].metadata)
+
+
 @dataclass
-class GRPOConfig(EngineConfig, CommonConfig):
-    model: str = field(default=TINY, metadata={"help": "initial policy: local path, hub id, or 'tiny' (reflection SFT)"})
+class SFTConfig(TrainConfig):
+    out_dir: str = field(default="out/sft", metadata={"help": "where checkpoints, metrics.jsonl and run.json go"})
+    data: str = field(default=TINY, metadata={"help": "SFT JSONL (messages or sharegpt layout), or 'tiny' (see --stage)"})
+    stage: str = field(
+        default="reflect",
+        metadata={"help": "what 'tiny' means: reflect = tiny base on two-round records; base = random init on one-round"},
+    )
+    batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch per process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_length: int = field(default=1024, metadata={"help": "records longer than this many tokens (images included) are skipped"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast on GPU (CPU always trains in fp32)"})
+    bucket: int = field(default=32, metadata={"help": "length bucketing: sort by length within shuffled chunks of this many batches"})
+
+
+@dataclass
+class GRPOConfig(EngineConfig, TrainConfig):
     data: str = field(default=TINY, metadata={"help": "RL JSONL {id, question, image, answer, choices}, or 'tiny'"})
-    image_dir: str = field(default="", metadata={"help": "folder image paths resolve against (default: data's folder)"})
     eval_data: str = field(default=TINY, metadata={"help": "held-out JSONL for greedy eval ('' = none; 'tiny' = tiny eval)"})
+    # --- the prompt
+    system_prompt: str = field(default="srpo", metadata={"help": "srpo: the project's instruction; boxed: the same tags with the final answer in \\boxed{} (the reference runs' convention)"})
+    max_prompt_length: int = field(default=1024, metadata={"help": "a rendered prompt (image tokens included) longer than this is an error naming the record"})
+    min_pixels: int = field(default=0, metadata={"help": "images are resized to at least this many pixels (0: the processor's own bound)"})
+    max_pixels: int = field(default=0, metadata={"help": "images are resized to at most this many pixels (0: the processor's own bound)"})
     # --- the reward (rewards.srpo_reward)
-    reward: str = field(default="paper", metadata={"help": "reward variant: paper (SRPO Eqs. 4-8), code (released), grpo"})
+    reward_variant: str = field(default="paper", metadata={"help": "paper (SRPO Eqs. 4-8), code (the released reward), grpo (one-round baseline)"})
     alpha: float = field(default=0.1, metadata={"help": "weight of the length reward f_len"})
     use_effectiveness: bool = field(default=True, metadata={"help": "ablation: keep the I_eff term (paper Table 4)"})
     use_length: bool = field(default=True, metadata={"help": "ablation: keep the alpha * f_len term (paper Table 4)"})
     # --- rollouts (the engine options are EngineConfig's)
     group_size: int = field(default=8, metadata={"help": "completions per prompt (G)"})
     rollout_batch_size: int = field(default=8, metadata={"help": "prompts per step, all processes together"})
-    filter_accuracy: bool = field(default=False, metadata={"help": "keep groups with mean accuracy in [filter_low, filter_high] (dynamic sampling)"})
+    filter_accuracy: bool = field(default=False, metadata={"help": "keep groups whose mean accuracy reward (as a fraction of its maximum) is in [filter_low, filter_high] (dynamic sampling)"})
     filter_low: float = field(default=0.1, metadata={"help": "accuracy filter lower bound"})
     filter_high: float = field(default=0.9, metadata={"help": "accuracy filter upper bound"})
-    max_draws: int = field(default=4, metadata={"help": "dynamic sampling: prompt batches drawn at most per step"})
+    max_draws: int = field(default=4, metadata={"help": "dynamic sampling: prompt batches drawn at most per step (a short batch is logged as a warning)"})
     # --- the update (grpo.policy_loss)
     train_batch_size: int = field(default=64, metadata={"help": "sequences per optimizer update, all processes together"})
     micro_batch_size: int = field(default=16, metadata={"help": "sequences per forward/backward on one process"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each step's rollouts"})
-    lr: float = field(default=5e-5, metadata={"help": "peak learning rate (paper: 1e-6; the tiny default 5e-5)"})
+    lr: float = _default(TrainConfig, "lr", 5e-5)
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "linear warmup, fraction of updates"})
+    warmup_ratio: float = _default(TrainConfig, "warmup_ratio", 0.03)
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to this fraction of lr"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
     clip_low: float = field(default=0.2, metadata={"help": "PPO clip epsilon below 1"})
     clip_high: float = field(default=0.2, metadata={"help": "PPO clip epsilon above 1 (DAPO clip-higher: 0.28)"})
     kl_coef: float = field(default=0.0, metadata={"help": "KL to the frozen initial policy (0: no reference model is loaded)"})
     aggregation: str = field(default="seq-mean-token-mean", metadata={"help": "seq-mean-token-mean | token-mean | seq-mean-token-sum-norm"})
     normalize_std: bool = field(default=True, metadata={"help": "divide advantages by the group std (False: Dr. GRPO)"})
-    freeze_vision: bool = field(default=True, metadata={"help": "freeze the vision tower and merger (visual.*)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    tis_cap: float = field(default=0.0, metadata={"help": "truncated importance sampling for engine/trainer log-prob mismatch: cap (e.g. 3.0); 0 = off"})
     # --- length of the run, logging, checkpoints
-    max_steps: int = field(default=60, metadata={"help": "rollout+update steps (0: epochs * len(data) / rollout_batch_size)"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the RL data, used when max_steps is 0"})
+    max_steps: int = _default(TrainConfig, "max_steps", 60)
+    epochs: float = _default(TrainConfig, "epochs", 1.0)
     eval_every: int = field(default=10, metadata={"help": "greedy eval on eval_data every N steps (0: never)"})
     eval_size: int = field(default=200, metadata={"help": "eval records used"})
     samples_every: int = field(default=10, metadata={"help": "write a few completions to samples.jsonl every N steps"})
-    save_every: int = field(default=20, metadata={"help": "checkpoint every N steps (and at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in out_dir"})
+    save_every: int = _default(TrainConfig, "save_every", 20)
     report_to: str = field(default="", metadata={"help": "accelerate trackers: tensorboard, wandb, ... ('' = none)"})
     plot: bool = field(default=True, metadata={"help": "draw training-dynamics PNGs at the end (needs matplotlib)"})
-    is_cap: float = field(default=0.0, metadata={"help": "truncated importance sampling for engine/trainer log-prob mismatch: cap (e.g. 3.0); 0 = off"})
 
 
 @dataclass
@@ -132,10 +141,11 @@ class EvalConfig(EngineConfig, CommonConfig):
 # PRESETS[name][config class name] = {field: value}: each script takes its own class's entry.
 PRESETS: dict[str, dict[str, dict]] = {"qwen2.5-vl-7b": {}}
 # The paper's GRPO stage (SRPO Sec. 4 / released OpenRLHF config): group 8, 128 prompts per rollout, 128 sequences
-# per update, lr 1e-6, temperature 1.0, max response 2048, 3 epochs, alpha 0.1, accuracy filter 0.1-0.9, frozen ViT.
+# per update, lr 1e-6, temperature 1.0, max response 2048, 3 epochs (passes over the RL data), alpha 0.1, accuracy
+# filter 0.1-0.9, frozen ViT.
 PRESETS["qwen2.5-vl-7b"]["GRPOConfig"] = {
     "group_size": 8,
-    "rollout_batch_size": 128,
+    "rollout_batch_size": 128,  # 128 prompts x 8 = 1024 sequences per step: 8 updates of 128
     "train_batch_size": 128,
     "micro_batch_size": 4,
     "lr": 1e-6,
@@ -161,6 +171,10 @@ PRESETS["qwen2.5-vl-7b"]["GRPOConfig"] = {
     "vllm_max_model_len": 8192,
     "eval_every": 0,
     "save_every": 50,
+    # the reference runs' prompt and image bounds: prompts of at most 1024 tokens, images of at most 501,760 pixels
+    "max_prompt_length": 1024,
+    "max_pixels": 501760,
+    "system_prompt": "boxed",
 }
 
 # The paper's cold-start SFT of Qwen2.5-VL-7B-Instruct (SRPO Sec. 4: lr 1e-5, 1 epoch, max length 4096, frozen ViT; the
@@ -199,8 +213,40 @@ def parse(cls, argv: list[str] | None = None):
     if preset and preset not in PRESETS:
         raise SystemExit(f"unknown --preset {preset!r}; known: {sorted(PRESETS)}")
     parser.set_defaults(**{**PRESETS.get(preset, {}).get(cls.__name__, {}), **from_yaml})
-    (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as e:  # HfArgumentParser's "Some specified arguments are not used by the HfArgumentParser: [...]"
+        unknown = str(e).split(":", 1)[-1].strip()
+        raise SystemExit(f"unknown option(s) {unknown}; see --help") from None
     return cfg
+
+
+def run(main) -> None:
+    """Call a script's main(); a user's mistake (bad data, a model that is not there) ends in one line and exit
+    status 2, not a traceback. Everything else is a bug and keeps its traceback."""
+    from nanosrpo.data import DataError
+
+    try:
+        main()
+    except (DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def grpo_update_plan(cfg, world: int) -> tuple[int, int]:
+    """(sequences per update on one process, optimizer updates per step) of a GRPO run on `world` processes.
+
+    A step's rollouts must split into whole updates: an uneven split would leave a short last update that is
+    silently off-policy and counted by nobody's schedule, so such settings are refused here, before anything loads.
+    """
+    if cfg.rollout_batch_size % world or cfg.train_batch_size % world:
+        raise SystemExit(f"--rollout_batch_size {cfg.rollout_batch_size} and --train_batch_size {cfg.train_batch_size} "
+                         f"must be divisible by the {world} processes")
+    per_step, per_update = cfg.rollout_batch_size * cfg.group_size, cfg.train_batch_size
+    if per_step % per_update:
+        raise SystemExit(f"a step samples --rollout_batch_size x --group_size = {per_step} sequences, which is not a "
+                         f"whole number of updates of --train_batch_size {per_update}; choose sizes that divide")
+    return per_update // world, per_step // per_update * cfg.ppo_epochs
 
 
 def to_dict(cfg) -> dict:

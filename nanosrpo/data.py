@@ -255,6 +255,16 @@ def collate(processor, samples: list[dict], pad_side: str = "right") -> dict:
     return batch
 
 
+def micro_batches(samples: list[dict], size: int, processor, device, indices: list[int] | None = None):
+    """(indices, collated batch on `device`) for consecutive chunks of `size` of samples[indices] (default: all of
+    them, in order), right-padded."""
+    indices = list(range(len(samples))) if indices is None else indices
+    for s in range(0, len(indices), size):
+        idx = indices[s : s + size]
+        batch = collate(processor, [samples[i] for i in idx])
+        yield idx, {k: v.to(device) for k, v in batch.items()}
+
+
 def prompt_index(position: int, n_records: int, seed: int) -> int:
     """The record at `position` of an endless stream of shuffled epochs (one fresh permutation per epoch).
 

@@ -16,6 +16,10 @@ GRPO_SYSTEM = (
     "then give your answer inside <answer> </answer>."
 )
 
+# `--system_prompt boxed`: the same formats with the reference runs' convention for real benchmarks, the final answer
+# written as \boxed{...} inside the answer block (written from the paper's description, not copied from its code).
+BOXED = " Inside each <answer> </answer>, write only the final answer as \\boxed{...}."
+
 # The reflection teacher (curate.py): it sees the question, the gold answer and the policy's first attempt, and writes
 # the reflection plus a corrected second round. On the tiny world the oracle in synthetic.py plays this role.
 TEACHER_PROMPT = (
@@ -30,6 +34,8 @@ TEACHER_PROMPT = (
 )
 
 
-def system_prompt(reflection: bool) -> str:
-    """The system prompt for an SRPO (two-round) or a plain GRPO (one-round) policy."""
-    return SRPO_SYSTEM if reflection else GRPO_SYSTEM
+def system_prompt(reflection: bool, style: str = "srpo") -> str:
+    """The system prompt for an SRPO (two-round) or a plain GRPO (one-round) policy; style "boxed" adds BOXED."""
+    if style not in ("srpo", "boxed"):
+        raise SystemExit(f"--system_prompt must be srpo or boxed, got {style!r}")
+    return (SRPO_SYSTEM if reflection else GRPO_SYSTEM) + (BOXED if style == "boxed" else "")

@@ -1,7 +1,9 @@
 """train_grpo.py end to end on the tiny world: metrics, checkpoints, exact resume after a kill, 2-process DDP."""
 
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import time
 import pytest
 import torch
 
-from nanosrpo import data, log, model, tiny
+from nanosrpo import config, data, engine, log, model, tiny
 from tests.conftest import ROOT
 
 REQUIRED = [
@@ -171,3 +173,123 @@ def test_plots_draw_the_training_dynamics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = plots.plot_run(tmp_path)
     assert out is not None and out.stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------------------------------- loop branches
+def steps_of(out_dir):
+    return [r for r in read(out_dir / "metrics.jsonl") if "reward_mean" in r]
+
+
+def test_update_plan_refuses_uneven_splits():
+    import train_grpo
+
+    cfg = config.parse(config.GRPOConfig, ["--rollout_batch_size", "4", "--group_size", "8", "--train_batch_size", "16",
+                                           "--ppo_epochs", "2"])
+    assert config.grpo_update_plan(cfg, world=2) == (8, 4)  # 32 sequences: 2 updates of 16 (8 per process), x 2 epochs
+    cfg.train_batch_size = 12  # 32 sequences are not a whole number of updates of 12
+    with pytest.raises(SystemExit, match="not a whole number of updates of --train_batch_size 12"):
+        config.grpo_update_plan(cfg, world=1)
+    with pytest.raises(SystemExit, match="divisible by the 2 processes"):
+        config.grpo_update_plan(config.parse(config.GRPOConfig, ["--rollout_batch_size", "3"]), world=2)
+    with pytest.raises(SystemExit, match="not a whole number"):  # refused before anything is built or loaded
+        train_grpo.main(["--model", "/nonexistent", "--train_batch_size", "12"])
+
+
+def test_gradient_checkpointing_recomputes_in_the_update(world, tmp_path, monkeypatch):
+    """from_pretrained returns eval mode and generate() switches to it; transformers checkpoints only in train mode.
+    Count decoder-layer forwards with gradients on: with checkpointing each micro-batch's forward runs twice."""
+    import train_grpo
+
+    real, counts = model.load_policy, []
+
+    def spy(*a, **kw):
+        policy, processor = real(*a, **kw)
+        counts.append(0)
+        i = len(counts) - 1
+        policy.model.language_model.layers[0].register_forward_pre_hook(
+            lambda mod, inp: counts.__setitem__(i, counts[i] + torch.is_grad_enabled()))
+        return policy, processor
+
+    monkeypatch.setattr(model, "load_policy", spy)
+    for ckpt in ("false", "true"):
+        train_grpo.main(args(world, tmp_path / ckpt, "--max_steps", "1", "--eval_every", "0", "--gradient_checkpointing", ckpt))
+    # 8 sequences, 2 updates of 4, micro-batches of 2: 4 forwards with grad, each recomputed in backward when on
+    assert counts == [4, 8]
+
+
+def test_dynamic_sampling_that_cannot_fill_the_batch_warns(world, tmp_path, capsys):
+    import train_grpo
+
+    # no group can pass (mean accuracy >= 1.01): every draw is filtered, the batch is topped up at zero advantage
+    train_grpo.main(args(world, tmp_path, "--max_steps", "1", "--eval_every", "0", "--filter_accuracy", "true",
+                         "--filter_low", "1.01", "--filter_high", "2", "--max_draws", "3"))
+    (row,) = steps_of(tmp_path)
+    assert (row["filtered_groups"], row["short_groups"]) == (6, 2)  # 3 draws x 2 prompts filtered; 2 groups short
+    assert row["loss"] == 0 and row["grad_norm"] == 0  # zero advantages teach nothing
+    assert "dynamic sampling drew --max_draws 3 batches and still lacked 2 groups" in capsys.readouterr().out
+    state = json.loads((tmp_path / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["cursor"] == 6  # every draw consumed prompts
+
+
+def test_epochs_count_passes_over_the_data(world, tmp_path):
+    import train_grpo
+
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(open(world["train"]).readlines()[:4]))
+    images = os.path.dirname(world["train"])
+    common = ["--max_steps", "0", "--epochs", "2", "--data", str(small), "--image_dir", images, "--eval_every", "0"]
+    train_grpo.main(args(world, tmp_path / "plain", *common))  # 2 passes over 4 records, 2 prompts per step
+    assert [r["step"] for r in steps_of(tmp_path / "plain")] == [1, 2, 3, 4]
+    assert (tmp_path / "plain" / "checkpoint-4").exists()
+    # dynamic sampling consumes 2 draws x 2 prompts = one pass per step: the 2 passes end after 2 steps
+    train_grpo.main(args(world, tmp_path / "filtered", *common, "--filter_accuracy", "true", "--filter_low", "1.01",
+                         "--filter_high", "2", "--max_draws", "2"))
+    assert [r["step"] for r in steps_of(tmp_path / "filtered")] == [1, 2]
+    assert (tmp_path / "filtered" / "checkpoint-2").exists()
+
+
+def test_kl_to_the_frozen_reference(world, tmp_path):
+    import train_grpo
+
+    train_grpo.main(args(world, tmp_path, "--max_steps", "2", "--eval_every", "0", "--kl_coef", "0.1", "--lr", "1e-3",
+                         "--rollout_batch_size", "4"))
+    rows = steps_of(tmp_path)
+    assert rows[0]["kl"] >= 0 and rows[-1]["kl"] > 0  # once the policy has moved, it differs from the frozen reference
+    assert any(r["grad_norm"] > 0 for r in rows)
+
+
+def test_ppo_epochs_move_the_ratio_and_clip(world, tmp_path):
+    import train_grpo
+
+    train_grpo.main(args(world, tmp_path, "--max_steps", "1", "--eval_every", "0", "--ppo_epochs", "2", "--lr", "1e-2"))
+    (row,) = steps_of(tmp_path)
+    assert row["clip_ratio_low"] + row["clip_ratio_high"] > 0  # later updates are off-policy: ratio != 1, clipped
+
+
+def test_truncated_importance_sampling_runs(world, tmp_path):
+    import train_grpo
+
+    train_grpo.main(args(world, tmp_path, "--max_steps", "1", "--eval_every", "0", "--tis_cap", "2"))
+    (row,) = steps_of(tmp_path)
+    assert math.isfinite(row["loss"]) and row["grad_norm"] > 0
+
+
+def test_hub_id_resolves_once_to_the_local_snapshot(tiny_dir, tmp_path):
+    """A hub id (here in a fake offline hub cache) becomes the local snapshot directory once, in tiny.resolve, and
+    that directory is what the engine reads: vLLM's engine read `<id>/config.json` as a path before."""
+    repo = tmp_path / "hub" / "models--someone--tiny-vl"
+    snapshot = repo / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    with pytest.raises(FileNotFoundError):
+        engine._model_config("someone/tiny-vl")  # what a raw hub id does to the engine
+    code = ("from nanosrpo import config, engine, tiny\n"
+            "cfg = config.parse(config.GRPOConfig, ['--model', 'someone/tiny-vl', '--data', 'x', '--eval_data', ''])\n"
+            "path = tiny.resolve(cfg)['model']\n"
+            "print(path, engine._model_config(path)['model_type'])")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    path, model_type = p.stdout.split()[-2:]
+    assert os.path.samefile(path, snapshot) and model_type == "qwen2_5_vl"
