@@ -37,16 +37,18 @@ What the trainer keeps (train_grpo.py + accelerate 1.15 FSDP2, accelerate_fsdp.y
                unsharded grads; at the end the embedding's params and grads. We take the largest of the three.
   activations  one micro-batch of B sequences of T tokens, per token:
     A_layer = 2*(4h + 2*s*h)   two RMSNorms: the fp32 input (HF upcasts) + the normalised and the weighted output
-            + 5*s*nH*d         q after RoPE, k and v repeated to nH heads, SDPA output, o_proj input. The micro-batches
-                               are padded, so a mask is passed and transformers repeats kv instead of enable_gqa; SDPA
-                               (flash / memory-efficient kernels, CPU flash) keeps no T x T scores.
+            + 4*s*nH*d         q after RoPE, k and v repeated to nH heads, the SDPA output (o_proj's input is a view
+                               of it). The micro-batches are padded, so a mask is passed and transformers repeats kv
+                               instead of using enable_gqa; the fused SDPA kernels keep no T x T scores, but
+            + s*T              SDPA turns the boolean mask into an additive one in the compute dtype, a [B, 1, T, T]
+                               copy per layer, and keeps it for backward (measured on CPU; see the check)
             + 4*nH             SDPA's fp32 logsumexp
             + 4*s*I            SwiGLU: gate output (SiLU input), SiLU output, up output, down_proj input
     (Korthikanti et al. 2022's 34*s*h-per-token transformer layer, adapted: no dropout masks, no attention scores,
-     GQA repeated, SwiGLU's three I-wide tensors, RMSNorm's fp32 upcast.)
-    stored  = B*T*(L*A_layer + 4h + 2*s*h + 2*s*d) + B*T*T    (no checkpointing: every layer's tensors, final norm,
-                                                                M-RoPE cos/sin, the bool [B, 1, T, T] mask)
-    stored  = B*T*(L*s*h     + 4h + 2*s*h + 2*s*d) + B*T*T    (gradient checkpointing: only each layer's input)
+     GQA repeated, SwiGLU's three I-wide tensors, RMSNorm's fp32 upcast; the per-layer mask copy is SDPA's.)
+    stored  = B*T*(L*A_layer + 2*s*d)               no checkpointing (+ the M-RoPE cos/sin, shared by the layers)
+    stored  = B*T*(L*s*h     + 2*s*d) + B*T*T       gradient checkpointing: each layer's input + the bool mask
+    head    = B*T*(4h + 2*s*h)                      the final RMSNorm (its output is lm_head's input)
     logits  = B*T*s*V          the model materialises bf16 logits [B, T, V] once (grpo.sequence_logprobs)
     loss backward   = 2*B*T*s*V + k*4*V*c    sequence_logprobs scores 1024-row chunks under checkpointing; in
                       backward each chunk's slice gradient is a full-size [B*T, V] tensor (autograd's SliceBackward)
@@ -55,7 +57,9 @@ What the trainer keeps (train_grpo.py + accelerate 1.15 FSDP2, accelerate_fsdp.y
                       fp32, where .float() is a no-op
     layer backward  = B*T*(A_layer + 2*s*I + 2*s*h)  with checkpointing (one layer recomputed + its gradient
                       temporaries), B*T*(2*s*I + 2*s*h) without
-    peak    = stored + max(logits + loss backward, layer backward)      (the logits are freed before the layers)
+    peak    = stored + max(head + logits + loss backward, layer backward)   (head and logits are freed before the
+              layers' backward)
+    No-grad passes (old log-probs with several updates per step, the reference) hold the logits and one chunk only.
   KL reference (kl_coef > 0 only): train_grpo.py loads it like the policy (fp32) and moves a full copy to every GPU:
                4*P per GPU; loaded in bf16 and sharded it would be 2*P / N. The preset has kl_coef = 0.
 
@@ -195,11 +199,11 @@ def trainable_params(a: Arch, freeze_vision: bool) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- the trainer
-def layer_activation_bytes_per_token(a: Arch, s: int) -> int:
-    """A_layer: what autograd keeps per token for one decoder layer (no checkpointing)."""
+def layer_activation_bytes_per_token(a: Arch, s: int, T: int) -> int:
+    """A_layer: what autograd keeps per token for one decoder layer (no checkpointing), sequences of T tokens."""
     h, q = a.hidden, a.heads * a.head_dim
     norms = 2 * (4 * h + 2 * s * h)
-    attention = 5 * s * q + 4 * a.heads
+    attention = 4 * s * q + s * T + 4 * a.heads
     mlp = 4 * s * a.intermediate
     return norms + attention + mlp
 
@@ -207,16 +211,20 @@ def layer_activation_bytes_per_token(a: Arch, s: int) -> int:
 def activation_bytes(a: Arch, B: int, T: int, s: int, checkpointing: bool, chunk: int = 1024) -> dict[str, int]:
     """Activation memory of one training micro-batch (forward + backward), by part, and its peak."""
     h, BT = a.hidden, B * T
-    A = layer_activation_bytes_per_token(a, s)
-    per_layer_kept = s * h if checkpointing else A
-    stored = BT * (a.layers * per_layer_kept + 4 * h + 2 * s * h + 2 * s * a.head_dim) + B * T * T
+    A = layer_activation_bytes_per_token(a, s, T)
+    if checkpointing:
+        stored = BT * (a.layers * s * h + 2 * s * a.head_dim) + B * T * T
+    else:
+        stored = BT * (a.layers * A + 2 * s * a.head_dim)
+    head = BT * (4 * h + 2 * s * h)
     logits = BT * s * a.vocab
     c = min(chunk, BT)
     # a chunk's fp32 working set: logits.float() (a copy only when s < 4), / temperature, logsumexp's backward
     loss_bwd = 2 * BT * s * a.vocab + (3 if s < 4 else 2) * 4 * a.vocab * c
     layer_bwd = BT * ((A if checkpointing else 0) + 2 * s * a.intermediate + 2 * s * h)
-    peak = stored + max(logits + loss_bwd, layer_bwd)
-    return {"A_layer": A, "stored": stored, "logits": logits, "loss_bwd": loss_bwd, "layer_bwd": layer_bwd, "peak": peak}
+    peak = stored + max(head + logits + loss_bwd, layer_bwd)
+    return {"A_layer": A, "stored": stored, "head": head, "logits": logits, "loss_bwd": loss_bwd,
+            "layer_bwd": layer_bwd, "peak": peak}
 
 
 def fsdp_buffer_bytes(a: Arch, freeze_vision: bool, s: int = 2) -> int:
@@ -264,26 +272,25 @@ def plan(a: Arch, cfg, gpus: int, gpu_gib: float, prompt_len: int = 1024, overhe
     gpu = gpu_gib * GiB
     vl = vllm_bytes(a, gpu, cfg.vllm_gpu_memory_utilization) if cfg.engine == "vllm" else None
     kl = cfg.kl_coef if kl_coef is None else kl_coef
-    asleep = vl["cuda_graphs"] if vl and cfg.vllm_sleep else (vl["budget"] if vl else 0)
     ref = 4 * P if kl > 0 else 0
     rows = [  # (item, training phase, rollout phase, note)
         ("weights, fp32 master, sharded", 4 * P / N, 4 * P / N, f"4 x {P / 1e9:.2f}B / {N}"),
         ("gradients, fp32, sharded", 4 * P_tr / N, 0, f"4 x {P_tr / 1e9:.2f}B trainable / {N}; None between updates"),
         ("AdamW m + v, fp32, sharded", 8 * P_tr / N, 8 * P_tr / N, f"8 x {P_tr / 1e9:.2f}B / {N}"),
-        ("FSDP2 unsharded bf16 params + grads", fsdp_buffer_bytes(a, cfg.freeze_vision), 0, "tail [norm, lm_head] + a layer"),
+        ("FSDP2 unsharded bf16 params + grads", fsdp_buffer_bytes(a, cfg.freeze_vision), 0,
+         "tail [norm, lm_head] + a layer"),
         (f"activations, {'with' if cfg.gradient_checkpointing else 'no'} checkpointing", act["peak"], 0,
          f"B={B} x T={T} ({prompt_len} prompt + {cfg.max_new_tokens} response)"),
     ]
     if vl:
+        awake = (lambda x: 0) if cfg.vllm_sleep else (lambda x: x)  # noqa: E731  what stays while training
         rows += [
-            ("vLLM weights, bf16 full copy", 0, vl["weights"], "TP=1, one engine per rank"),
-            ("vLLM activations (est.) + CUDA graphs (assumed)", vl["cuda_graphs"] if cfg.vllm_sleep else vl["activations"] + vl["cuda_graphs"],
+            ("vLLM weights, bf16 full copy", awake(vl["weights"]), vl["weights"], "TP=1, one engine per rank"),
+            ("vLLM activations (est.) + CUDA graphs (assumed)", awake(vl["activations"]) + vl["cuda_graphs"],
              vl["activations"] + vl["cuda_graphs"], "graphs stay while asleep" if cfg.vllm_sleep else "no sleep mode"),
-            ("vLLM KV cache", 0 if cfg.vllm_sleep else vl["kv_cache"], vl["kv_cache"],
+            ("vLLM KV cache", awake(vl["kv_cache"]), vl["kv_cache"],
              f"util {cfg.vllm_gpu_memory_utilization} x {gpu_gib:g} GiB minus the above"),
         ]
-        if not cfg.vllm_sleep:
-            rows[-3] = ("vLLM weights, bf16 full copy", vl["weights"], vl["weights"], "TP=1, one engine per rank")
     rows += [
         ("KL reference model" + ("" if kl > 0 else f" (kl_coef={kl:g}: not loaded)"), ref, ref,
          "fp32 full copy per GPU, as train_grpo.py loads it" if kl > 0 else ""),
@@ -292,9 +299,14 @@ def plan(a: Arch, cfg, gpus: int, gpu_gib: float, prompt_len: int = 1024, overhe
     train = sum(r[1] for r in rows)
     rollout = sum(r[2] for r in rows)
     cached = fsdp_buffer_bytes(a, cfg.freeze_vision) + act["peak"]  # torch's cache after training, if not emptied
+    # weight sync (engine.trainer_weights): vLLM's weights are awake, its KV cache not yet; one parameter is gathered
+    # whole in fp32 and cast to bf16 at a time, the largest being the embedding (or lm_head): 6 bytes x its size
+    sync = 4 * P / N + 8 * P_tr / N + ref + overhead_gib * GiB
+    if vl:
+        sync += vl["weights"] + vl["cuda_graphs"] + 6 * max(p["embed"], p["lm_head"], p["layer"])
     return {"arch": a, "params": p, "P_train": P_tr, "B": B, "T": T, "rows": rows, "train": train, "rollout": rollout,
-            "act": act, "act_other": act_other, "vllm": vl, "asleep": asleep, "gpu": gpu, "cached": cached, "cfg": cfg,
-            "gpus": N, "kl": kl}
+            "sync": sync, "act": act, "act_other": act_other, "vllm": vl, "gpu": gpu, "cached": cached, "cfg": cfg,
+            "gpus": N, "kl": kl, "overhead": overhead_gib * GiB}
 
 
 def print_plan(r: dict, gpu_gib: float) -> None:
@@ -322,15 +334,19 @@ def print_plan(r: dict, gpu_gib: float) -> None:
               f"{kv_tokens / r['T']:.0f} sequences of {r['T']} tokens; a rank's rollout is {need_seqs} sequences "
               f"({cfg.rollout_batch_size} prompts / {r['gpus']} x {cfg.group_size}), "
               f"{need_seqs * r['T'] * vl['kv_per_token'] / GiB:.1f} GiB if all reach full length")
-        free_at_start = r["gpu"] - r["rows"][0][1] - r["rows"][-1][1]
+        free_at_start = r["gpu"] - r["rows"][0][1] - r["overhead"]
         print(f"vLLM start-up: needs {vl['budget'] / GiB:.1f} GiB free; the trainer then holds its fp32 shards + "
               f"overhead, {free_at_start / GiB:.1f} GiB free -> {'ok' if free_at_start >= vl['budget'] else 'REFUSES TO START'}")
         if cfg.vllm_sleep:
             print(f"sleep level 1 frees {(vl['weights'] + vl['kv_cache'] + vl['activations']) / GiB:.1f} GiB of GPU memory "
                   f"while training and needs {vl['weights'] / GiB:.1f} GiB of pinned host RAM per rank for the weights "
                   f"({r['gpus'] * vl['weights'] / GiB:.0f} GiB on the node)")
+        print(f"weight sync (vLLM weights awake, KV cache not yet, one parameter gathered at a time): "
+              f"{r['sync'] / GiB:.1f} GiB")
         print(f"rollout phase if torch's cache is not emptied before vLLM wakes (train_grpo.py has no empty_cache): "
               f"+{r['cached'] / GiB:.1f} GiB -> {(r['rollout'] + r['cached']) / GiB:.1f} GiB")
+    else:
+        print(f"engine {cfg.engine}: generation runs in the trainer's model; its KV cache is not planned here")
     peak = max(r["train"], r["rollout"])
     phase = "training" if r["train"] >= r["rollout"] else "rollout"
     left = r["gpu"] - peak
@@ -377,9 +393,9 @@ def check_batch(processor, records: list[dict], B: int, T: int, vocab: int, seed
 
 
 def measure_step(policy, batch: dict) -> dict:
-    """Live tensor bytes of one real GRPO micro-batch step on CPU: forward + backward (grads start as None), AdamW's
-    first step (allocates its state), then forward + backward again with the gradients already allocated (the
-    activations alone)."""
+    """Live tensor bytes of one real GRPO micro-batch step on CPU: forward + backward with the gradients starting as
+    None (-> gradients), AdamW's first step (-> its state), then, with the gradients already allocated, a forward
+    (-> what it keeps for backward) and a backward (-> the activations' peak)."""
     import torch
 
     from nanosrpo import grpo
@@ -389,17 +405,21 @@ def measure_step(policy, batch: dict) -> dict:
         p.grad = None
     opt = torch.optim.AdamW(params, lr=1e-6, foreach=True)
     adv = torch.linspace(-1, 1, batch["input_ids"].shape[0])
+    state = {}
 
-    def fwd_bwd():
+    def forward():
         lp = grpo.sequence_logprobs(policy, batch)
-        loss, _ = grpo.policy_loss(lp, lp.detach(), adv, batch["loss_mask"])
-        loss.backward()
+        state["loss"] = grpo.policy_loss(lp, lp.detach(), adv, batch["loss_mask"])[0]
 
-    first_peak, grads = live_bytes(fwd_bwd)
-    step_peak, adam = live_bytes(opt.step)
+    def backward():
+        state.pop("loss").backward()
+
+    _, grads = live_bytes(lambda: (forward(), backward()))
+    _, adam = live_bytes(opt.step)
     opt.zero_grad(set_to_none=False)  # keep the gradient tensors: the next backward accumulates into them
-    act_peak, _ = live_bytes(fwd_bwd)
-    return {"grads": grads, "adam": adam, "step_peak": step_peak, "activations": act_peak, "first_peak": first_peak}
+    fwd_peak, kept = live_bytes(forward)
+    bwd_peak, _ = live_bytes(backward)
+    return {"grads": grads, "adam": adam, "kept": kept, "activations": max(fwd_peak, kept + bwd_peak)}
 
 
 def check_tiny(shapes: list[tuple[int, int, bool]], vocab: int = 0, out=print) -> list[dict]:
@@ -437,10 +457,11 @@ def check_tiny(shapes: list[tuple[int, int, bool]], vocab: int = 0, out=print) -
         batch = check_batch(processor, records, B, T, min(a.vocab, 400))
         m = measure_step(policy, batch)
         act = activation_bytes(a, B, T, 4, ckpt)
-        planned = {"grads": 4 * P_tr, "adam": 8 * P_tr, "activations": act["peak"]}
+        planned = {"grads": 4 * P_tr, "adam": 8 * P_tr, "kept": act["stored"] + act["head"] + act["logits"],
+                   "activations": act["peak"]}
         results.append({"B": B, "T": T, "checkpointing": ckpt, "measured": m, "planned": planned})
         out(f"  B={B} T={T} checkpointing={'on ' if ckpt else 'off'}  "
-            + "  ".join(f"{k} {m[k] / 2**20:.2f}/{planned[k] / 2**20:.2f} MiB ({m[k] / planned[k]:.3f})" for k in planned))
+            + "  ".join(f"{k} {m[k] / 2**20:.1f}/{planned[k] / 2**20:.1f} ({m[k] / planned[k]:.3f})" for k in planned))
     return results
 
 
@@ -459,8 +480,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     if args.check_tiny:
-        print("CPU check: live tensor bytes measured / planned (ratio); tolerance: gradients and AdamW within 1%, "
-              "activations within 15%")
+        print("CPU check: live tensor bytes measured / planned MiB (ratio). grads: after a backward from None; adam: "
+              "after AdamW's first step;\nkept: after a forward (what backward needs: stored + head + logits); "
+              "activations: the peak of forward + backward.\nTolerance: gradients and AdamW within 1%, kept and "
+              "activations within 10%")
         check_tiny([(2, 256, False), (4, 512, False), (4, 512, True), (8, 512, True)])
         check_tiny([(4, 512, False), (4, 512, True)], vocab=32768)
         return
