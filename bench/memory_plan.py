@@ -13,14 +13,16 @@ Notation (bytes unless said otherwise)
   P      all parameters (language model + vision tower + merger)       N   GPUs = FSDP world size
   P_tr   trainable parameters (the preset freezes visual.*: P_tr = P - P_vision)
   h, I, L, nH, nKV, d, V   hidden size, MLP size, decoder layers, query heads, kv heads, head dim, vocabulary
-  B      micro_batch_size sequences       T = prompt + max_new_tokens tokens (prompt capped at --prompt_len = 1024)
+  B      micro_batch_size sequences       T = prompt + max_new_tokens tokens, the worst case: a micro-batch is
+         padded to its longest sequence, and we take that one at the prompt cap (--prompt_len 1024, image tokens
+         included) plus a full-length response (1024 + 2048 = 3072 for the preset)
   s      bytes of the compute dtype: 2 (bf16 on GPU), 4 (fp32 in the CPU check)        c = min(1024, B*T) rows
 
 Parameter counts (exact for Qwen2.5-VL / Qwen2, checked against sum(p.numel()) in tests/test_memory_plan.py)
   decoder layer  = h*nH*d + nH*d + 2*(h*nKV*d + nKV*d) + nH*d*h + 3*h*I + 2*h   (q, k, v with bias; o; SwiGLU; 2 norms)
   language model = V*h (embed) + L*layer + h (final norm) + V*h (lm_head, 0 when tied)
   vision block   = 2*vh + (vh*3vh + 3vh) + (vh*vh + vh) + 2*(vh*vI + vI) + (vI*vh + vh)
-  vision         = 3*tp*p*p*vh (patch conv) + depth*block + vh + (vh*m^2)^2 + vh*m^2 + vh*m^2*h + h   (merger)
+  vision         = in_chans*tp*p*p*vh (patch conv) + depth*block + vh + (vh*m^2)^2 + vh*m^2 + vh*m^2*h + h (merger)
 
 What the trainer keeps (train_grpo.py + accelerate 1.15 FSDP2, accelerate_fsdp.yaml)
   weights      4*P / N     model.load_policy loads float32; FSDP2 shards every parameter (frozen ones too) and keeps
@@ -29,7 +31,8 @@ What the trainer keeps (train_grpo.py + accelerate 1.15 FSDP2, accelerate_fsdp.y
   gradients    4*P_tr / N  fp32, sharded like the parameter (reduce-scattered in bf16, then cast). Freed between
                            updates (zero_grad(set_to_none=True)), alive across the micro-batches of one update.
   AdamW        8*P_tr / N  exp_avg + exp_avg_sq in fp32 (+ a 4-byte step per tensor), sharded, alive all run.
-  FSDP buffers 2*(root + max(tail + tail_tr + layer, 2*layer + layer_tr, embed + embed_tr))   bf16, transient.
+  FSDP buffers 2*(root + root_tr + max(tail + tail_tr + layer, 2*layer + layer_tr, embed + embed_tr))   bf16,
+               transient (_tr: the trainable part, whose unsharded bf16 gradients exist until reduce-scatter).
                accelerate wraps each decoder layer and vision block, the input embedding (untied) and a "tail" unit
                [final norm, lm_head] that is NOT resharded after forward, and the root (patch embed, merger) that
                stays unsharded all step. At the start of backward the tail's params and its unsharded bf16 grads are
@@ -79,8 +82,9 @@ vLLM colocated (nanosrpo/engine.py VLLMEngine, vLLM 0.32 GPU worker)
 Phases per GPU:
   training = weights + gradients + AdamW + FSDP buffers + activations(peak) + vLLM asleep + overhead (+ reference)
   rollout  = weights + AdamW + vLLM budget + overhead (+ reference); gradients are None, FSDP resharded, activations
-             freed -- *provided the trainer's cached blocks go back to the driver* (torch.cuda.empty_cache()) before
-             vLLM wakes up: its weights and KV cache come from vLLM's own allocator, not from torch's cache.
+             freed. vLLM re-maps its weights and KV cache with its own allocator, not from torch's cache; its
+             wake_up first calls gc.collect() and torch's empty_cache() (vllm/device_allocator/cumem.py, 0.32), which
+             hands the trainer's freed blocks back to the driver.
 
 --check_tiny: the same formulas against reality on CPU: model.build_tiny(size="10m"), one real GRPO micro-batch
 (data.collate of a synthetic-task prompt with its image + a completion; grpo.sequence_logprobs + grpo.policy_loss;
@@ -103,8 +107,12 @@ from nanosrpo import config  # noqa: E402
 GiB = 2**30
 PRESET = "qwen2.5-vl-7b"
 
-# Qwen/Qwen2.5-VL-7B-Instruct, config.json as published on the Hugging Face hub (the fields the plan needs, same names
-# and layout: text fields at the top level, the vision tower under vision_config). Model card: 8.29B parameters.
+# Qwen/Qwen2.5-VL-7B-Instruct's config.json on the Hugging Face hub: the fields the plan needs, same names and layout
+# (text fields at the top level, the vision tower under vision_config). Not downloaded here (no hub access); the values
+# agree with the model's printed module shapes (Embedding(152064, 3584), q_proj 3584->3584, k_proj 3584->512,
+# gate_proj 3584->18944, 28 decoder layers; 32 vision blocks of 1280, MLP 3420, merger 5120->3584) and the model
+# card's 8.29B parameters (param_counts gives 8,292,166,656; tests/test_memory_plan.py checks it against
+# transformers' Qwen2_5_VLForConditionalGeneration built from this dict on the meta device).
 QWEN25_VL_7B_CONFIG = {
     "model_type": "qwen2_5_vl",
     "vocab_size": 152064,
@@ -283,12 +291,12 @@ def plan(a: Arch, cfg, gpus: int, gpu_gib: float, prompt_len: int = 1024, overhe
          f"B={B} x T={T} ({prompt_len} prompt + {cfg.max_new_tokens} response)"),
     ]
     if vl:
-        awake = (lambda x: 0) if cfg.vllm_sleep else (lambda x: x)  # noqa: E731  what stays while training
+        awake = 0 if cfg.vllm_sleep else 1  # while training, asleep vLLM keeps only its CUDA graphs
         rows += [
-            ("vLLM weights, bf16 full copy", awake(vl["weights"]), vl["weights"], "TP=1, one engine per rank"),
-            ("vLLM activations (est.) + CUDA graphs (assumed)", awake(vl["activations"]) + vl["cuda_graphs"],
+            ("vLLM weights, bf16 full copy", awake * vl["weights"], vl["weights"], "TP=1, one engine per rank"),
+            ("vLLM activations (est.) + CUDA graphs (assumed)", awake * vl["activations"] + vl["cuda_graphs"],
              vl["activations"] + vl["cuda_graphs"], "graphs stay while asleep" if cfg.vllm_sleep else "no sleep mode"),
-            ("vLLM KV cache", awake(vl["kv_cache"]), vl["kv_cache"],
+            ("vLLM KV cache", awake * vl["kv_cache"], vl["kv_cache"],
              f"util {cfg.vllm_gpu_memory_utilization} x {gpu_gib:g} GiB minus the above"),
         ]
     rows += [
@@ -298,14 +306,13 @@ def plan(a: Arch, cfg, gpus: int, gpu_gib: float, prompt_len: int = 1024, overhe
     ]
     train = sum(r[1] for r in rows)
     rollout = sum(r[2] for r in rows)
-    cached = fsdp_buffer_bytes(a, cfg.freeze_vision) + act["peak"]  # torch's cache after training, if not emptied
     # weight sync (engine.trainer_weights): vLLM's weights are awake, its KV cache not yet; one parameter is gathered
     # whole in fp32 and cast to bf16 at a time, the largest being the embedding (or lm_head): 6 bytes x its size
     sync = 4 * P / N + 8 * P_tr / N + ref + overhead_gib * GiB
     if vl:
         sync += vl["weights"] + vl["cuda_graphs"] + 6 * max(p["embed"], p["lm_head"], p["layer"])
     return {"arch": a, "params": p, "P_train": P_tr, "B": B, "T": T, "rows": rows, "train": train, "rollout": rollout,
-            "sync": sync, "act": act, "act_other": act_other, "vllm": vl, "gpu": gpu, "cached": cached, "cfg": cfg,
+            "sync": sync, "act": act, "act_other": act_other, "vllm": vl, "gpu": gpu, "cfg": cfg,
             "gpus": N, "kl": kl, "overhead": overhead_gib * GiB}
 
 
@@ -343,8 +350,6 @@ def print_plan(r: dict, gpu_gib: float) -> None:
                   f"({r['gpus'] * vl['weights'] / GiB:.0f} GiB on the node)")
         print(f"weight sync (vLLM weights awake, KV cache not yet, one parameter gathered at a time): "
               f"{r['sync'] / GiB:.1f} GiB")
-        print(f"rollout phase if torch's cache is not emptied before vLLM wakes (train_grpo.py has no empty_cache): "
-              f"+{r['cached'] / GiB:.1f} GiB -> {(r['rollout'] + r['cached']) / GiB:.1f} GiB")
     else:
         print(f"engine {cfg.engine}: generation runs in the trainer's model; its KV cache is not planned here")
     peak = max(r["train"], r["rollout"])
