@@ -477,7 +477,9 @@ def main(argv=None):
     ap.add_argument("--model_config", default="", help="a local config.json (default: Qwen2.5-VL-7B-Instruct's values)")
     ap.add_argument("--gpus", type=int, default=8, help="GPUs = FSDP processes")
     ap.add_argument("--gpu_gb", type=float, default=80, help="memory of one GPU in GiB (an H100 80GB reports 79.6)")
-    ap.add_argument("--prompt_len", type=int, default=1024, help="prompt tokens assumed (images included); T = this + max_new_tokens")
+    ap.add_argument("--prompt_len", type=int, default=0,
+                    help="prompt tokens assumed (images included); T = this + max_new_tokens. 0: the config's "
+                         "max_prompt_length where GRPOConfig has one, else 1024")
     ap.add_argument("--micro_batch_size", type=int, default=0, help="override the preset's micro_batch_size")
     ap.add_argument("--kl_coef", type=float, default=None, help="override the preset's kl_coef (> 0 loads a reference model)")
     ap.add_argument("--overhead_gb", type=float, default=1.0, help="CUDA context + NCCL buffers per GPU, GiB (assumed)")
@@ -507,7 +509,8 @@ def main(argv=None):
           f"{cfg.max_new_tokens}, gradient_checkpointing {cfg.gradient_checkpointing}, freeze_vision {cfg.freeze_vision}, "
           f"engine {cfg.engine} (gpu_memory_utilization {cfg.vllm_gpu_memory_utilization}, sleep {cfg.vllm_sleep}), "
           f"kl_coef {cfg.kl_coef if args.kl_coef is None else args.kl_coef}")
-    r = plan(arch_from_config(cfg_dict), cfg, args.gpus, args.gpu_gb, args.prompt_len, args.overhead_gb, args.kl_coef)
+    prompt_len = args.prompt_len or getattr(cfg, "max_prompt_length", 0) or 1024  # the field is being added on main
+    r = plan(arch_from_config(cfg_dict), cfg, args.gpus, args.gpu_gb, prompt_len, args.overhead_gb, args.kl_coef)
     print_plan(r, args.gpu_gb)
 
 
