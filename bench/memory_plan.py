@@ -14,7 +14,7 @@ Notation (bytes unless said otherwise)
   P_tr   trainable parameters (the preset freezes visual.*: P_tr = P - P_vision)
   h, I, L, nH, nKV, d, V   hidden size, MLP size, decoder layers, query heads, kv heads, head dim, vocabulary
   B      micro_batch_size sequences       T = prompt + max_new_tokens tokens, the worst case: a micro-batch is
-         padded to its longest sequence, and we take that one at the prompt cap (--prompt_len 1024, image tokens
+         padded to its longest sequence, and we take that one at the prompt cap (--prompt_len, 1024, image tokens
          included) plus a full-length response (1024 + 2048 = 3072 for the preset)
   s      bytes of the compute dtype: 2 (bf16 on GPU), 4 (fp32 in the CPU check)        c = min(1024, B*T) rows
 
