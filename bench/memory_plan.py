@@ -431,12 +431,17 @@ def check_tiny(shapes: list[tuple[int, int, bool]], vocab: int = 0, out=print) -
     """Build the tiny 10m model, measure real micro-batch steps at `shapes` (B, T, checkpointing), compare with the plan.
     vocab > 0: the same config with a larger vocabulary (random init), to make the logits term matter."""
     import torch
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="memory_plan_") as d:  # the built model and images go when we are done
+        return _check_tiny(Path(d), shapes, vocab, out)
+
+
+def _check_tiny(tmp: Path, shapes: list[tuple[int, int, bool]], vocab: int, out) -> list[dict]:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from nanosrpo import data, model, synthetic
 
-    torch.manual_seed(0)
-    tmp = Path(tempfile.mkdtemp(prefix="memory_plan_"))
     model.build_tiny(tmp / "tiny", size="10m")
     policy, processor = model.load_policy(str(tmp / "tiny"))
     cfg_dict = json.loads((tmp / "tiny" / "config.json").read_text())
