@@ -63,8 +63,8 @@ What the trainer keeps (train_grpo.py + accelerate 1.15 FSDP2, accelerate_fsdp.y
     peak    = stored + max(head + logits + loss backward, layer backward)   (head and logits are freed before the
               layers' backward)
     No-grad passes (old log-probs with several updates per step, the reference) hold the logits and one chunk only.
-  KL reference (kl_coef > 0 only): train_grpo.py loads it like the policy (fp32) and moves a full copy to every GPU:
-               4*P per GPU; loaded in bf16 and sharded it would be 2*P / N. The preset has kl_coef = 0.
+  KL reference (kl_coef > 0 only): model.load_reference loads it in bf16 and, under FSDP, shards it like the policy:
+               2*P / N per GPU (a full fp32 copy would be 4*P). The preset has kl_coef = 0.
 
 vLLM colocated (nanosrpo/engine.py VLLMEngine, vLLM 0.32 GPU worker)
   budget       util * M       vLLM reserves gpu_memory_utilization * total GPU memory M for itself (weights +
@@ -86,7 +86,7 @@ Phases per GPU:
              wake_up first calls gc.collect() and torch's empty_cache() (vllm/device_allocator/cumem.py, 0.32), which
              hands the trainer's freed blocks back to the driver.
 
---check_tiny: the same formulas against reality on CPU: model.build_tiny(size="10m"), one real GRPO micro-batch
+--check_tiny: the same formulas against reality on CPU: tiny.build_tiny(size="10m"), one real GRPO micro-batch
 (data.collate of a synthetic-task prompt with its image + a completion; grpo.sequence_logprobs + grpo.policy_loss;
 backward; AdamW) in fp32, 1 process, no FSDP, at a few shapes. Memory is counted by torch.profiler(profile_memory=True):
 every allocation and free of PyTorch's CPU allocator while profiling, replayed in time order, gives the live tensor
@@ -280,7 +280,7 @@ def plan(a: Arch, cfg, gpus: int, gpu_gib: float, prompt_len: int = 1024, overhe
     gpu = gpu_gib * GiB
     vl = vllm_bytes(a, gpu, cfg.vllm_gpu_memory_utilization) if cfg.engine == "vllm" else None
     kl = cfg.kl_coef if kl_coef is None else kl_coef
-    ref = 4 * P if kl > 0 else 0
+    ref = 2 * P / N if kl > 0 else 0  # model.load_reference: bf16, sharded like the policy under FSDP
     rows = [  # (item, training phase, rollout phase, note)
         ("weights, fp32 master, sharded", 4 * P / N, 4 * P / N, f"4 x {P / 1e9:.2f}B / {N}"),
         ("gradients, fp32, sharded", 4 * P_tr / N, 0, f"4 x {P_tr / 1e9:.2f}B trainable / {N}; None between updates"),
@@ -301,7 +301,7 @@ def plan(a: Arch, cfg, gpus: int, gpu_gib: float, prompt_len: int = 1024, overhe
         ]
     rows += [
         ("KL reference model" + ("" if kl > 0 else f" (kl_coef={kl:g}: not loaded)"), ref, ref,
-         "fp32 full copy per GPU, as train_grpo.py loads it" if kl > 0 else ""),
+         f"bf16, sharded: 2 x {P / 1e9:.2f}B / {N} (model.load_reference)" if kl > 0 else ""),
         ("CUDA context + NCCL (assumed)", overhead_gib * GiB, overhead_gib * GiB, "--overhead_gb"),
     ]
     train = sum(r[1] for r in rows)
@@ -440,9 +440,9 @@ def check_tiny(shapes: list[tuple[int, int, bool]], vocab: int = 0, out=print) -
 def _check_tiny(tmp: Path, shapes: list[tuple[int, int, bool]], vocab: int, out) -> list[dict]:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from nanosrpo import data, model, synthetic
+    from nanosrpo import data, model, synthetic, tiny
 
-    model.build_tiny(tmp / "tiny", size="10m")
+    tiny.build_tiny(tmp / "tiny", size="10m")
     policy, processor = model.load_policy(str(tmp / "tiny"))
     cfg_dict = json.loads((tmp / "tiny" / "config.json").read_text())
     if vocab:  # same architecture, larger vocabulary, random init

@@ -43,9 +43,9 @@ def test_param_count_7b_equals_transformers_model_on_meta():
 
 @pytest.mark.parametrize("size,text_only", [("1m", False), ("0.2m", True)])
 def test_param_count_equals_built_tiny_model(tmp_path, size, text_only):
-    from nanosrpo import model
+    from nanosrpo import model, tiny
 
-    info = model.build_tiny(tmp_path / "m", size=size, text_only=text_only)
+    info = tiny.build_tiny(tmp_path / "m", size=size, text_only=text_only)
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     a = mp.arch_from_config(cfg)
     assert a.tied and (a.v_depth == 0) == text_only
