@@ -183,8 +183,8 @@ def keep_group(rewards: list[float], accuracies: list[float], low: float = 0.1, 
     mean accuracy lies in [low, high] and its rewards are not all equal (an all-equal group has zero advantages and
     carries no signal; a too-easy or too-hard prompt mostly wastes a slot in the batch). `accuracies` are each
     rollout's accuracy reward as a fraction of its largest value (see rewards.ACCURACY_MAX)."""
-    acc = sum(accuracies) / len(accuracies)
-    return low <= acc <= high and max(rewards) > min(rewards)
+    mean_accuracy = sum(accuracies) / len(accuracies)
+    return low <= mean_accuracy <= high and max(rewards) > min(rewards)
 
 
 @torch.no_grad()

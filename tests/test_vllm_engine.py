@@ -122,6 +122,32 @@ def test_sync_greedy_equal_and_changes(world, engine):
 
 
 @needs_vllm
+def test_sync_skips_frozen_parameters(world, engine):
+    """A frozen layer (like the frozen vision tower at 7B) is not sent at sync; vLLM keeps its weights, and after
+    training the rest its greedy outputs still equal the trainer's token for token."""
+    import torch
+
+    from nanosrpo.engine import trainer_weights
+
+    policy = world["policy"]
+    frozen = policy.model.layers[0]
+    frozen.requires_grad_(False)
+    try:
+        sent = {name for name, _ in trainer_weights(policy, skip_frozen=True)}
+        assert sent and not any(n.startswith("model.layers.0.") for n in sent)
+        assert any(n.startswith("model.layers.1.") for n in sent) and "lm_head.weight" in sent
+        engine.sync(policy)
+        before = _check_equal(engine, world)
+        kept = {k: v.clone() for k, v in frozen.state_dict().items()}
+        _sft_steps(policy, world["tok"], world["texts"], ["<answer>7</answer>"] * len(world["texts"]), steps=6, lr=1e-2)
+        assert all(torch.equal(kept[k], v) for k, v in frozen.state_dict().items())  # frozen: unchanged
+        engine.sync(policy)
+        assert _check_equal(engine, world) != before
+    finally:
+        frozen.requires_grad_(True)
+
+
+@needs_vllm
 def test_sampled_logprobs_match_trainer(world, engine):
     """The engine's log-probs of its own samples = the trainer's log_softmax(logits / T) at those tokens (with the
     vision placeholders masked, as in sampling): what an importance-sampling correction compares."""
