@@ -293,3 +293,19 @@ def test_hub_id_resolves_once_to_the_local_snapshot(tiny_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     path, model_type = p.stdout.split()[-2:]
     assert os.path.samefile(path, snapshot) and model_type == "qwen2_5_vl"
+
+
+def test_prompt_cap_and_pixel_bounds(tiny_dir, tmp_path):
+    from nanosrpo import rollout, synthetic
+
+    _, processor = model.load_policy(str(tiny_dir))
+    rec = data.load_rl_records(synthetic.write_rl_split(tmp_path, "rl", 1, seed=0))[0]
+    n = len(rollout.render(rec, "sys", processor, 0)["ids"])
+    assert len(rollout.render(rec, "sys", processor, n)["ids"]) == n
+    with pytest.raises(data.DataError, match=f"record '{rec['id']}': the prompt is {n} tokens"):
+        rollout.render(rec, "sys", processor, n - 1)
+    # a 4x4 grid of 28-px cells is 112 x 112 px: 16 vision tokens; at most 56 x 56 px it becomes 2 x 2 = 4 tokens,
+    # and the vLLM engine reads the same bound back from the processor
+    model.set_pixel_bounds(processor, max_pixels=56 * 56)
+    assert len(rollout.render(rec, "sys", processor, 0)["ids"]) == n - 12
+    assert engine.pixel_bounds(processor)["max_pixels"] == 56 * 56
