@@ -159,8 +159,10 @@ def main(argv=None):
         raise SystemExit("--n_samples > 1 needs --temperature > 0 (greedy decoding gives the same response every time)")
 
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    state = PartialState()
+    # PartialState, unlike Accelerator, does not read ACCELERATE_USE_CPU (the CPU multi-process recipe) itself
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     tiny_needed = config.TINY in datas or (config.TINY == cfg.model and not preds)
     with state.main_process_first():  # the tiny world is built once, on first use
         world = tiny.ensure_world(cfg.cache_dir, cfg.tiny_size, cfg.text_only) if tiny_needed else {}
