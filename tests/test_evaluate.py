@@ -71,6 +71,18 @@ def test_pass_at_k_by_hand():
     assert evaluation.pass_at_k(4, 0, 4) == 0.0 and evaluation.pass_at_k(4, 3, 2) == 1.0
 
 
+def test_several_samples_mean_accuracy_and_pass_at_k():
+    recs = [benchmarks.from_rl_record({"id": i, "question": "q", "images": [], "answer": "4", "choices": None}) for i in "ab"]
+    rows = [evaluation.score_response("jsonl", recs[0], ONE.format("4"), 0, 10),
+            evaluation.score_response("jsonl", recs[0], ONE.format("5"), 1, 20),
+            evaluation.score_response("jsonl", recs[1], TWO.format("4", "3"), 0, 30),
+            evaluation.score_response("jsonl", recs[1], "<answer>5</answer>", 1, 40)]
+    res = evaluation.summarize("jsonl", recs, rows)
+    assert (res["accuracy"], res["first_accuracy"], res["format_rate"], res["two_round_rate"]) == (0.25, 0.5, 0.75, 0.25)
+    assert (res["right_to_wrong"], res["mean_response_tokens"]) == (0.25, 25)
+    assert (res["pass@1"], res["pass@2"]) == (0.25, 0.5)  # a: 1 of 2 right, b: 0 of 2
+
+
 def test_shard_and_unshard_restore_order():
     items = list(range(11))
     parts = [evaluation.shard(items, r, 3) for r in range(3)]
