@@ -207,6 +207,10 @@ def test_mathverse_choices_in_the_question_and_free_form_by_value(tmp_path):
     assert res["right_to_wrong"] == pytest.approx(1 / 3)
     assert res["by_category"]["problem_version"]["Text Only"]["accuracy"] == 0.0
     assert res["by_category"]["subject"]["algebra"] == {"n": 2, "accuracy": 0.5, "first_accuracy": 1.0}
+    # HF parquet: the image embedded in the 'image' column (none for Text Only)
+    hf = [{**r, "image": {"bytes": png(), "path": "a.png"} if r["image"] else None} for r in rows]
+    pq_recs = benchmarks.load("mathverse", write_parquet(tmp_path / "hf" / "testmini-00000-of-00001.parquet", hf).parent)
+    assert [{**r, "images": len(r["images"])} for r in pq_recs] == [{**r, "images": len(r["images"])} for r in recs]
 
 
 # ----------------------------------------------------------------------------------------------------- MATH-Vision
@@ -231,6 +235,11 @@ def test_mathvision_jsonl_letters_option_text_and_values(tmp_path):
     assert res["wrong_to_right"] == pytest.approx(1 / 3)
     assert res["by_category"]["level"] == {"1": {"n": 2, "accuracy": 0.5, "first_accuracy": 0.5},
                                            "2": {"n": 1, "accuracy": 1.0, "first_accuracy": 0.0}}
+    # HF parquet: 'image' stays a path string, 'decoded_image' holds the bytes
+    hf = [{**r, "decoded_image": {"bytes": png(), "path": None}} for r in rows]
+    pq_recs = benchmarks.load("mathvision", write_parquet(tmp_path / "hf" / "testmini-00000-of-00001.parquet", hf).parent)
+    assert all(isinstance(r["images"][0], bytes) for r in pq_recs)
+    assert [{**r, "images": None} for r in pq_recs] == [{**r, "images": None} for r in recs]
 
 
 # ----------------------------------------------------------------------------------------------------- MMMU-Pro
