@@ -136,7 +136,8 @@ def _mathvista(row, where, folder):
     }
 
 
-_CHOICE_LINE = re.compile(r"^\s*\(?([A-J])\)?\s*[:.：]\s*(.+?)\s*$")
+# An option line: "A:40°", "B. 60°", "(C) 120°", "(D): 140°"; group 1 or 2 is the letter, group 3 the text.
+_CHOICE_LINE = re.compile(r"^\s*(?:\(([A-J])\)\s*[:.：]?|([A-J])\s*[:.：])\s*(.+?)\s*$")
 
 
 def _choices_in_text(question: str) -> list[str] | None:
@@ -149,9 +150,9 @@ def _choices_in_text(question: str) -> list[str] | None:
         if not line.strip():
             continue
         c = _CHOICE_LINE.match(line)
-        if not c or c.group(1) != LETTERS[len(out)]:
+        if not c or (c.group(1) or c.group(2)) != LETTERS[len(out)]:
             break
-        out.append(c.group(2))
+        out.append(c.group(3))
     return out or None
 
 
@@ -225,7 +226,7 @@ def _mmmu_pro(row, where, folder):
 
 def _wemath_options(value: str) -> list[str]:
     """'A. 200.96;B. 3215.36; E. No correct answer' -> ['200.96', '3215.36', ..., 'No correct answer']."""
-    return [m.group(2).strip() for part in str(value).split(";") if (m := _CHOICE_LINE.match(part))]
+    return [m.group(3) for part in str(value).split(";") if (m := _CHOICE_LINE.match(part))]
 
 
 def _wemath(row, where, folder):
