@@ -103,11 +103,11 @@ def summarize(benchmark: str, records: list[dict], rows: list[dict]) -> dict:
         "format_rate": mean([r["rounds"] > 0 for r in rows]),
         "two_round_rate": mean([r["rounds"] == 2 for r in rows]),
     }
-    for key in TRANSITIONS.values():
-        out[key] = 0.0
+    counts = dict.fromkeys(TRANSITIONS.values(), 0)
     for r in rows:
         if r["rounds"] == 2:
-            out[TRANSITIONS[(bool(r["first_correct"]), bool(r["final_correct"]))]] += 1 / n
+            counts[TRANSITIONS[(bool(r["first_correct"]), bool(r["final_correct"]))]] += 1
+    out.update({key: c / n for key, c in counts.items()})
     tokens = [r["tokens"] for r in rows if r.get("tokens") is not None]
     out["mean_response_tokens"] = mean(tokens)
     by_id = {rec["id"]: rec for rec in records}
