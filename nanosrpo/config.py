@@ -133,8 +133,17 @@ class CurateConfig(EngineConfig, CommonConfig):
 
 @dataclass
 class EvalConfig(EngineConfig, CommonConfig):
-    model: str = field(default=TINY, metadata={"help": "policy to evaluate: local path, hub id, or 'tiny'"})
-    data: str = field(default=TINY, metadata={"help": "eval JSONL {id, question, image, answer, choices}, or 'tiny'"})
+    out_dir: str = field(default="out/eval", metadata={"help": "results.json, results.md, predictions.jsonl (one folder per benchmark when several)"})
+    model: str = field(default=TINY, metadata={"help": "policy: local path, hub id, or 'tiny' (the tiny world's policy for --prompt)"})
+    benchmark: str = field(default="jsonl", metadata={"help": "mathvista, mathverse, mathvision, mmmu_pro, mmmu_pro_vision, wemath or jsonl; several: a,b"})
+    data: str = field(default=TINY, metadata={"help": "local file or folder per benchmark (comma-separated like --benchmark); 'tiny' = the tiny eval split"})
+    split: str = field(default="", metadata={"help": "split file to pick in a --data folder (default: testmini; mmmu_pro: test)"})
+    image_dir: str = field(default="", metadata={"help": "folder image paths resolve against (default: the data file's folder)"})
+    predictions: str = field(default="", metadata={"help": "score this JSONL of {id, response} instead of generating (comma-separated like --benchmark)"})
+    prompt: str = field(default="srpo", metadata={"help": "system prompt: srpo (two rounds), grpo (one round) or none"})
+    n_samples: int = field(default=1, metadata={"help": "responses per record (> 1 needs --temperature > 0): mean accuracy and pass@k"})
+    temperature: float = field(default=0.0, metadata={"help": "sampling temperature; 0 = greedy"})
+    limit: int = field(default=0, metadata={"help": "evaluate only the first N records of each benchmark (0: all)"})
 
 
 # The paper's settings (SRPO, Sec. 4 and appendix) as named presets: field -> value, applied under CLI flags.
