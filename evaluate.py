@@ -241,4 +241,4 @@ def write_summary(out_root: Path, results: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    config.run(main)

@@ -36,6 +36,7 @@ class EngineConfig:
     vllm_gpu_memory_utilization: float = field(default=0.15, metadata={"help": "vLLM memory fraction (CPU: of RAM)"})
     vllm_sleep: bool = field(default=False, metadata={"help": "GPU: put vLLM to sleep (level 1) while training"})
     vllm_max_model_len: int = field(default=1024, metadata={"help": "vLLM context length (prompt + response tokens)"})
+    vllm_max_images: int = field(default=1, metadata={"help": "vLLM: images per prompt at most (MMMU-Pro standard has up to 7)"})
 
 
 @dataclass

@@ -418,5 +418,6 @@ def make(cfg, model, processor, model_path: str):
             seed=cfg.seed,
             dtype="bfloat16" if torch.cuda.is_available() else "float32",
             enable_sleep_mode=cfg.vllm_sleep,
+            max_images_per_prompt=cfg.vllm_max_images,
         )
     raise SystemExit(f"unknown --engine {cfg.engine!r}: transformers or vllm")

@@ -39,7 +39,7 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def _unwrap(block: str) -> str:
+def _answer_of_block(block: str) -> str:
     """An answer block's own answer: the last \\boxed{} inside it, else the block; '$...$' peeled off."""
     s = block.strip()
     boxed = last_boxed(s)
@@ -54,8 +54,8 @@ def extract_answers(text) -> tuple[str | None, str | None]:
     """(first answer, final answer) of a response (module docstring); None where there is none."""
     if not isinstance(text, str):
         return None, None
-    # rewards._lenient_blocks: <answer>(.*?)</answer> in linear time (an unclosed block is not an answer)
-    blocks = [_unwrap(b) for b in rewards._lenient_blocks(text, "answer")]
+    # rewards.lenient_blocks: <answer>(.*?)</answer> in linear time (an unclosed block is not an answer)
+    blocks = [_answer_of_block(b) for b in rewards.lenient_blocks(text, "answer")]
     if blocks:
         return blocks[0] or None, blocks[-1] or None
     boxed = last_boxed(text)

@@ -81,7 +81,7 @@ def parse_response(text: str) -> Parsed:
     return MALFORMED
 
 
-def _lenient_blocks(text: str, name: str) -> list[str]:
+def lenient_blocks(text: str, name: str) -> list[str]:
     """All `<name>...</name>` contents, matched like re.findall(r"<name>(.*?)</name>", re.S)
     (what the released code did), but in linear time: an open tag runs to the next close
     of the same name, and any other tag in between is just content."""
@@ -318,7 +318,7 @@ def _code_reward(response, answer, count_tokens, alpha, choices) -> dict[str, fl
     Judgement call: a response with >=2 think and >=2 answer blocks that is not a
     well-formed two-round response still gets accuracy and length (format 0), because the
     released code computed those from regex matches regardless of the overall shape."""
-    thinks, answers = _lenient_blocks(response, "think"), _lenient_blocks(response, "answer")
+    thinks, answers = lenient_blocks(response, "think"), lenient_blocks(response, "answer")
     if len(thinks) < 2 or len(answers) < 2:
         return _scores()
     start = response.find("<think>")
