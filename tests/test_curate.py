@@ -291,7 +291,8 @@ def test_openai_teacher_faults(api, tmp_path, monkeypatch, capfd):
     _assert_secret_nowhere(out, cap.out, cap.err)
 
 
-def test_openai_teacher_killed_run_resumes_without_resending(api, tmp_path):
+@pytest.mark.slow  # a child process that imports transformers: ~20-60 s on a busy 2-core machine
+def test_openai_teacher_killed_run_resumes_without_resending(api, tmp_path, monkeypatch, capfd):
     """A run killed mid-way loses only the requests in flight: the rerun sends exactly those, nothing answered twice."""
     out = tmp_path / "cur"
     students = [str(i) for i in range(12)] + ["hang"]
@@ -323,14 +324,15 @@ def test_openai_teacher_killed_run_resumes_without_resending(api, tmp_path):
         return status, headers, reply
 
     api.behave = behave.__get__(api)
-    res = subprocess.run([sys.executable, str(ROOT / "curate.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    monkeypatch.setenv("FAKE_TEACHER_KEY", SECRET)
+    curate.main(args)  # the rerun, in this process
     resent = [q["body"] for q in api.requests[n:]]
     assert len(resent) == 1 and b"Student's answer: hang" in resent[0]
     assert len(api.answered) == len(set(api.answered)) == 13  # every request answered exactly once
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"]["reflect"]["kept"] == 13
-    _assert_secret_nowhere(out, log.read_text(), res.stdout, res.stderr)
+    cap = capfd.readouterr()
+    _assert_secret_nowhere(out, log.read_text(), cap.out, cap.err)
 
 
 def test_openai_teacher_without_key_says_which_variable(tmp_path, monkeypatch):
