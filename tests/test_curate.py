@@ -410,3 +410,16 @@ def test_openai_teacher_against_vllm_server(vllm_server, tmp_path, monkeypatch, 
     assert again["steps"]["reflect"]["replies"] == 6
     cap = capfd.readouterr()
     _assert_secret_nowhere(out, cap.out, cap.err)
+
+
+def test_local_teacher_through_the_engine(tiny_dir, tmp_path):
+    """--teacher local: a checkpoint answers through nanosrpo.engine (a random 0.2M policy: its replies are noise, so
+    they are all dropped by validation, counted by reason, with the token counts of the real prompts)."""
+    records = _grid_records(tmp_path, 3)
+    out = tmp_path / "cur"
+    _attempts(out, records, flawed_every=2)
+    summary = curate.main(["--steps", "reflect", "--out_dir", str(out), "--teacher", "local", "--teacher_model",
+                           str(tiny_dir), "--teacher_max_tokens", "8", "--teacher_temperature", "0"])
+    r = summary["steps"]["reflect"]
+    assert r["replies"] == 3 and r["kept"] == 0 and sum(r["dropped"].values()) == 3
+    assert r["prompt_tokens"] > 3 * 100 and 3 <= r["completion_tokens"] <= 3 * 8  # image tokens + the teacher prompt
