@@ -317,14 +317,10 @@ def main(argv=None):
 
     if "answer" in steps:
         t0 = time.time()
-        data_path, policy_path = cfg.data, cfg.model
-        if config.TINY in (cfg.data, cfg.model):  # the tiny world: its training questions and its base policy
-            from nanosrpo import tiny
+        from nanosrpo import tiny
 
-            world = tiny.ensure_world(cfg.cache_dir, cfg.tiny_size, cfg.text_only)
-            data_path = world["train"] if cfg.data == config.TINY else cfg.data
-            if cfg.model == config.TINY:
-                policy_path = tiny.ensure_policy(cfg.cache_dir, cfg.tiny_size, cfg.text_only, stage="base")
+        paths = tiny.resolve(cfg, policy="base", data="train")  # "tiny": the tiny base and the training questions
+        data_path, policy_path = paths["data"], paths["model"]
         records, skipped = read_questions(data_path, cfg.image_dir, cfg.strict)
         records = records[: cfg.max_questions] if cfg.max_questions > 0 else records
         summary["input"] = {"file": str(data_path), "questions": len(records), "skipped": skipped}
