@@ -151,7 +151,7 @@ class CurateConfig(EngineConfig, CommonConfig):
     usd_per_mtok_in: float = field(default=0.0, metadata={"help": "teacher price per million prompt tokens, for the cost estimate"})
     usd_per_mtok_out: float = field(default=0.0, metadata={"help": "teacher price per million completion tokens"})
     # --- build: the SFT mix
-    correct_fraction: float = field(default=0.3, metadata={"help": "share of correct-and-refined records (paper: ~30%; the rest flawed-and-revised)"})
+    correct_fraction: float = field(default=0.3, metadata={"help": "share of correct-and-refined records (paper: 0.3; the rest flawed-and-revised)"})
     val_fraction: float = field(default=0.05, metadata={"help": "share of questions held out as the validation split"})
 
 

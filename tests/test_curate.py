@@ -423,3 +423,11 @@ def test_local_teacher_through_the_engine(tiny_dir, tmp_path):
     r = summary["steps"]["reflect"]
     assert r["replies"] == 3 and r["kept"] == 0 and sum(r["dropped"].values()) == 3
     assert r["prompt_tokens"] > 3 * 100 and 3 <= r["completion_tokens"] <= 3 * 8  # image tokens + the teacher prompt
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        curate.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--teacher_api_key_env" in out and "--correct_fraction" in out and "--samples_per_question" in out
