@@ -128,8 +128,32 @@ class GRPOConfig(EngineConfig, TrainConfig):
 
 @dataclass
 class CurateConfig(EngineConfig, CommonConfig):
-    model: str = field(default=TINY, metadata={"help": "policy whose first attempts get reflections"})
-    data: str = field(default=TINY, metadata={"help": "RL-layout JSONL of questions with gold answers"})
+    out_dir: str = field(default="out/curate", metadata={"help": "answers, reflections, SFT files and summary.json go here"})
+    model: str = field(default=TINY, metadata={"help": "policy whose first attempts get reflections ('tiny': the tiny base)"})
+    data: str = field(default=TINY, metadata={"help": "questions with gold answers: RL JSONL, LLaVA-CoT-100k or Mulberry-260k layout"})
+    image_dir: str = field(default="", metadata={"help": "folder image paths resolve against (default: data's folder)"})
+    steps: str = field(default="answer,reflect,build", metadata={"help": "sub-steps to run, comma-separated; each skips what is done"})
+    max_questions: int = field(default=0, metadata={"help": "use the first N questions (0: all)"})
+    strict: bool = field(default=False, metadata={"help": "a bad input record is fatal (default: reported, skipped, counted)"})
+    # --- answer: the policy's own one-round attempts (the EngineConfig options: engine, temperature, ...)
+    samples_per_question: int = field(default=2, metadata={"help": "attempts per question (sampled, so right and wrong ones occur)"})
+    greedy: bool = field(default=False, metadata={"help": "greedy attempts instead of sampled ones (then use 1 sample)"})
+    # --- reflect: the teacher
+    teacher: str = field(default="oracle", metadata={"help": "openai (any OpenAI-compatible endpoint), local (a checkpoint), oracle (tiny world)"})
+    teacher_url: str = field(default="https://api.openai.com/v1", metadata={"help": "openai: base URL of the chat-completions API"})
+    teacher_model: str = field(default="", metadata={"help": "openai: model name; local: checkpoint path or hub id"})
+    teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai: NAME of the environment variable holding the key"})
+    teacher_concurrency: int = field(default=8, metadata={"help": "openai: requests in flight at once"})
+    teacher_max_retries: int = field(default=5, metadata={"help": "openai: retries on 429/5xx/timeouts (exponential backoff, Retry-After honoured)"})
+    teacher_timeout: float = field(default=120.0, metadata={"help": "openai: seconds per request attempt"})
+    teacher_max_tokens: int = field(default=1024, metadata={"help": "max tokens of a teacher reply"})
+    teacher_temperature: float = field(default=0.0, metadata={"help": "teacher sampling temperature (local: 0 = greedy)"})
+    teacher_cache: str = field(default="", metadata={"help": "openai: on-disk reply cache keyed by the request (default: <out_dir>/teacher_cache)"})
+    usd_per_mtok_in: float = field(default=0.0, metadata={"help": "teacher price per million prompt tokens, for the cost estimate"})
+    usd_per_mtok_out: float = field(default=0.0, metadata={"help": "teacher price per million completion tokens"})
+    # --- build: the SFT mix
+    correct_fraction: float = field(default=0.3, metadata={"help": "share of correct-and-refined records (paper: 0.3; the rest flawed-and-revised)"})
+    val_fraction: float = field(default=0.05, metadata={"help": "share of questions held out as the validation split"})
 
 
 @dataclass

@@ -20,8 +20,12 @@ GRPO_SYSTEM = (
 # written as \boxed{...} inside the answer block (written from the paper's description, not copied from its code).
 BOXED = " Inside each <answer> </answer>, write only the final answer as \\boxed{...}."
 
-# The reflection teacher (curate.py): it sees the question, the gold answer and the policy's first attempt, and writes
-# the reflection plus a corrected second round. On the tiny world the oracle in synthetic.py plays this role.
+# The reflection teacher (curate.py, nanosrpo/teacher.py): it sees the question (and its images, attached before this
+# text), the gold answer and the policy's first attempt, and writes the reflection plus a corrected second round. The
+# reply is validated strictly (exactly one reflection, one think, one answer, nothing else; the answer must be right),
+# so the prompt spells that shape out. On the tiny world the programmatic oracle plays this role without a prompt.
+TEACHER_SYSTEM = "You are an expert teacher who reviews students' step-by-step solutions and corrects them."
+
 TEACHER_PROMPT = (
     "You are reviewing a student's solution.\n"
     "Question: {question}\n"
@@ -30,7 +34,9 @@ TEACHER_PROMPT = (
     "Student's answer: {student_answer}\n\n"
     "Write a short reflection inside <reflection> </reflection> that says which steps were right and which were wrong "
     "(without simply revealing the correct answer), then a corrected solution as <think> </think> <answer> </answer>. "
-    "If the student was right, the reflection confirms why and the new solution may be more concise."
+    "If the student was right, the reflection confirms why and the new solution may be more concise.\n"
+    "Reply with exactly these three blocks and nothing else:\n"
+    "<reflection>...</reflection> <think>...</think> <answer>...</answer>"
 )
 
 

@@ -57,6 +57,20 @@ def make_problem(seed: int, difficulty: int = 1, idx: int = 0, p_empty: float = 
     return prob
 
 
+_ID = re.compile(r"grid-d(\d+)-s(\d+)-(\d+)")
+
+
+def problem_from_id(rid: str) -> Problem | None:
+    """The Problem behind a record id written by write_rl_split ("grid-d1-s1-000042"), or None for another id.
+
+    The oracle teacher (nanosrpo/teacher.py) needs the grid itself, and every problem is a pure function of its id.
+    """
+    m = _ID.fullmatch(str(rid))
+    if m is None or int(m.group(1)) not in LEVELS:
+        return None
+    return make_problem(int(m.group(2)), int(m.group(1)), int(m.group(3)))
+
+
 def render(prob: Problem) -> Image.Image:
     """The grid as an RGB image, one CELL x CELL square per cell (a thin margin keeps cells visually separate)."""
     n = len(prob.grid)
@@ -118,14 +132,18 @@ def oracle_reflection(prob: Problem, think: str, answer: str) -> str:
     """
     truth = prob.row_counts()
     claimed = {int(r): int(c) for r, c in _ROW.findall(think)}
-    if answer.strip() == prob.answer and all(claimed.get(r + 1) == c for r, c in enumerate(truth)):
+    right = answer.strip() == prob.answer
+    if right and all(claimed.get(r + 1) == c for r, c in enumerate(truth)):
         return f"every row count checks out, so {prob.answer} is right."
     for r, c in enumerate(truth):
         if claimed.get(r + 1) != c:
             said = claimed.get(r + 1)
+            # A policy's own attempt can reach the right total through wrong rows (two slips that cancel): the
+            # reflection must not call a right answer wrong, but the rows still get corrected.
+            verdict = f"but the total {prob.answer} is right" if right else f"so {answer.strip()} is wrong"
             if said is None:
-                return f"row {r + 1} was not counted, so {answer.strip()} is wrong."
-            return f"row {r + 1} has {c}, not {said}, so {answer.strip()} is wrong."
+                return f"row {r + 1} was not counted, {verdict}."
+            return f"row {r + 1} has {c}, not {said}, {verdict}."
     return f"the rows are right but the total is not, so {answer.strip()} is wrong."
 
 

@@ -231,11 +231,16 @@ RECIPE = {
 }
 
 
-def ensure_policy(cache_dir: str, size: str = "1m", text_only: bool = False, stage: str = "reflect") -> str:
+def ensure_policy(cache_dir: str, size: str = "1m", text_only: bool = False, stage: str = "reflect",
+                  reflect_data: str = "synthetic") -> str:
     """Path of the tiny world's base (stage="base") or reflection-SFT (stage="reflect") policy, trained on first use.
 
     base    = the random init trained on data/sft_base.jsonl (one-round chains): the stand-in for a pretrained model
     reflect = base trained on data/sft_reflect.jsonl (two-round oracle responses): the reflection cold start
+              With reflect_data="curated" (cached as <world>/reflect-curated) it trains instead on SRPO stage-1 data
+              from `python curate.py` (cached in <world>/curate/): the base's own sampled attempts at the training
+              questions, reflected on by the oracle teacher, mixed 30/70. Not the default: measured worse on the tiny
+              world so far (README, "Reflection data: curate.py").
     Each is `python train_sft.py --stage STAGE` with the RECIPE's flags, cached as
     <world>/base and <world>/reflect (save_pretrained dirs; the runs' metrics.jsonl and run.json stay in
     <world>/<stage>-run). Delete those to rebuild. Call on one process at a time (accelerator.main_process_first()).
@@ -248,16 +253,19 @@ def ensure_policy(cache_dir: str, size: str = "1m", text_only: bool = False, sta
 
     if stage not in ("base", "reflect"):
         raise ValueError(f"stage must be 'base' or 'reflect', got {stage!r}")
+    if reflect_data not in ("synthetic", "curated"):
+        raise ValueError(f"reflect_data must be 'synthetic' or 'curated', got {reflect_data!r}")
     cache_dir = str(Path(cache_dir).resolve())  # the child runs in the repo root
     root = world_dir(cache_dir, size, text_only)
-    dest = root / stage
+    curated = stage == "reflect" and reflect_data == "curated"
+    dest = root / ("reflect-curated" if curated else stage)
     if (dest / "config.json").exists():
         return str(dest)
     ensure_world(cache_dir, size, text_only)
     if stage == "reflect":
         ensure_policy(cache_dir, size, text_only, stage="base")
     repo = Path(__file__).resolve().parent.parent
-    run_dir, tmp = root / f"{stage}-run", root / f"{stage}-run.tmp"
+    run_dir, tmp = root / f"{dest.name}-run", root / f"{dest.name}-run.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     # Why a child process and not train_sft.main(): accelerate keeps one state per process (device, process group,
     # mixed precision), so a script already running under `accelerate launch` / torchrun cannot start a fresh
@@ -266,8 +274,17 @@ def ensure_policy(cache_dir: str, size: str = "1m", text_only: bool = False, sta
     # takes every core, see model.use_cpu_cores.)
     launcher = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT"}
     env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
-    cmd = [sys.executable, str(repo / "train_sft.py"), "--stage", stage, "--cache_dir", cache_dir, "--tiny_size", size,
-           "--text_only", str(text_only), "--out_dir", str(tmp), *RECIPE[stage]]
+    world = ["--cache_dir", cache_dir, "--tiny_size", size, "--text_only", str(text_only)]
+    sft_data = []
+    if curated:  # SRPO stage 1 for real: the base answers, the oracle reflects (curate.py; resumable, so a killed
+        out = root / "curate"  # build picks up where it stopped)
+        if not (out / "sft_train.jsonl").exists():
+            cur = [sys.executable, str(repo / "curate.py"), *world, "--out_dir", str(out)]
+            print(f"curating the tiny reflection data (once, cached in {out}): {' '.join(cur[1:])}", flush=True)
+            subprocess.run(cur, cwd=repo, env=env, check=True)
+        sft_data = ["--data", str(out / "sft_train.jsonl")]
+    cmd = [sys.executable, str(repo / "train_sft.py"), "--stage", stage, *world, "--out_dir", str(tmp), *sft_data,
+           *RECIPE[stage]]
     print(f"building the tiny {stage} policy (once, cached in {dest}): {' '.join(cmd[1:])}", flush=True)
     subprocess.run(cmd, cwd=repo, env=env, check=True)
     ckpt = latest_checkpoint(tmp)
