@@ -352,4 +352,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    config.run(main)

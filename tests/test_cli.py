@@ -15,7 +15,7 @@ def run(*argv):
     return p.returncode, lines
 
 
-@pytest.mark.parametrize("script", ["train_grpo.py", "train_sft.py"])
+@pytest.mark.parametrize("script", ["train_grpo.py", "train_sft.py", "curate.py", "evaluate.py"])
 def test_mistyped_flag(script):
     code, lines = run(script, "--lrr", "1e-3")
     assert code != 0 and not any("Traceback" in line for line in lines)
