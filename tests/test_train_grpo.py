@@ -309,3 +309,29 @@ def test_prompt_cap_and_pixel_bounds(tiny_dir, tmp_path):
     model.set_pixel_bounds(processor, max_pixels=56 * 56)
     assert len(rollout.render(rec, "sys", processor, 0)["ids"]) == n - 12
     assert engine.pixel_bounds(processor)["max_pixels"] == 56 * 56
+
+
+def test_accuracy_filter_reads_the_variants_accuracy_reward():
+    """The filter compares the accuracy term of the reward variant in use, as a fraction of its largest value."""
+    from nanosrpo import rollout
+
+    def scores(accuracy):
+        return [{"total": a + i * 0.01, "accuracy": a} for i, a in enumerate(accuracy)]
+
+    cfg = config.parse(config.GRPOConfig, ["--reward_variant", "code"])
+    assert rollout._keep(scores([0.25, 0.25, 0.0, 0.0]), cfg)  # released code's merged score: mean 0.125 in [0.1, 0.9]
+    assert not rollout._keep(scores([1.0, 0.75, 1.0, 1.0]), cfg)  # mean 0.94 > 0.9
+    cfg = config.parse(config.GRPOConfig, [])  # paper: the first answer's 0 / 0.5, read as 0 / 1
+    assert not rollout._keep(scores([0.5, 0.5, 0.5, 0.5]), cfg)  # every first answer right: 1.0 > 0.9
+    assert rollout._keep(scores([0.5, 0.0, 0.5, 0.0]), cfg)
+
+
+def test_preset_prompt_and_bounds():
+    from nanosrpo import prompts
+
+    cfg = config.parse(config.GRPOConfig, ["--preset", "qwen2.5-vl-7b"])
+    assert (cfg.max_pixels, cfg.max_prompt_length, cfg.system_prompt) == (501760, 1024, "boxed")
+    assert prompts.system_prompt(True, cfg.system_prompt).endswith("write only the final answer as \\boxed{...}.")
+    assert prompts.system_prompt(False) == prompts.GRPO_SYSTEM
+    with pytest.raises(SystemExit, match="srpo or boxed"):
+        prompts.system_prompt(True, "fancy")
