@@ -115,9 +115,9 @@ def main(argv=None):
                 # the aggregation's denominator over the whole update, all processes: its tokens or its sequences
                 mine = sum(sum(samples[i]["loss_mask"]) for i in update) if cfg.aggregation == "token-mean" else len(update)
                 normalizer = accelerator.reduce(torch.tensor(float(mine), device=accelerator.device), "sum").item()
-                micro = list(data.micro_batches(samples, cfg.micro_batch_size, processor, accelerator.device, update))
-                for j, (idx, mb) in enumerate(micro):
-                    with optim.grad_sync(accelerator, policy, last=j == len(micro) - 1), accelerator.autocast():
+                n_micro = math.ceil(len(update) / cfg.micro_batch_size)  # collated one at a time, as they are used
+                for j, (idx, mb) in enumerate(data.micro_batches(samples, cfg.micro_batch_size, processor, accelerator.device, update)):
+                    with optim.grad_sync(accelerator, policy, last=j == n_micro - 1), accelerator.autocast():
                         lp = grpo.sequence_logprobs(policy, mb, temperature=cfg.temperature)
                         old = lp.detach() if on_policy else grpo.stack_rows([old_lp[i] for i in idx], lp.shape[1]).to(lp.device)
                         ref = None if ref_lp is None else grpo.stack_rows([ref_lp[i] for i in idx], lp.shape[1]).to(lp.device)
