@@ -40,7 +40,7 @@ def main(argv=None):
         paths = tiny.resolve(cfg, policy="reflect" if two_round else "base")
         records = data.load_rl_records(paths["data"], cfg.image_dir or None)
         eval_records = data.load_rl_records(paths["eval_data"], cfg.image_dir or None)[: cfg.eval_size] if paths["eval_data"] else []
-    policy, processor = model.load_policy(paths["model"])
+    policy, processor = model.load_policy(paths["model"], attn_implementation=cfg.attn_implementation)
     model.set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
     tok = data.tokenizer_of(processor)
     if cfg.freeze_vision and model.is_multimodal(policy):
@@ -58,7 +58,7 @@ def main(argv=None):
         optimizer, math.ceil(cfg.warmup_ratio * total_updates), total_updates, min_lr_rate=cfg.min_lr_ratio
     )
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
-    ref_policy = model.load_reference(paths["model"], accelerator) if cfg.kl_coef > 0 else None
+    ref_policy = model.load_reference(paths["model"], accelerator, cfg.attn_implementation) if cfg.kl_coef > 0 else None
     gen = engine.make(cfg, accelerator.unwrap_model(policy), processor, paths["model"])
 
     start_step, cursor = 0, 0  # cursor: prompt positions consumed per process (see data.prompt_index)
@@ -84,6 +84,7 @@ def main(argv=None):
     # loss takes old = lp.detach() (ratio 1: the plain policy gradient) and no extra forward is spent. Otherwise (several
     # updates per step, or TIS comparing trainer and engine) they come from one no-grad pass before the first update.
     on_policy = updates_per_step == 1 and cfg.tis_cap == 0
+    packed = cfg.attn_implementation == "flash_attention_2"  # padding-free micro-batches (data.packed_batch)
 
     if start_step == 0 and cfg.eval_every:  # where the policy starts
         metrics_log.write({"step": 0, **evaluation.greedy_eval(gen, eval_records, system, processor, cfg.max_new_tokens)})
@@ -104,7 +105,7 @@ def main(argv=None):
         t1 = time.time()
         policy.train()  # generate() runs in eval mode; gradient checkpointing runs only in train mode
         with torch.no_grad(), accelerator.autocast():  # one pass over all samples each, before any update
-            every = (samples, cfg.micro_batch_size, processor, accelerator.device)  # all samples, in order
+            every = (samples, cfg.micro_batch_size, processor, accelerator.device, None, packed)  # all samples, in order
             old_lp = None if on_policy else grpo.logprobs_by_sample(policy, data.micro_batches(*every), cfg.temperature)
             ref_lp = None if ref_policy is None else grpo.logprobs_by_sample(ref_policy, data.micro_batches(*every), cfg.temperature)
         order_gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
@@ -116,7 +117,7 @@ def main(argv=None):
                 mine = sum(sum(samples[i]["loss_mask"]) for i in update) if cfg.aggregation == "token-mean" else len(update)
                 normalizer = accelerator.reduce(torch.tensor(float(mine), device=accelerator.device), "sum").item()
                 n_micro = math.ceil(len(update) / cfg.micro_batch_size)  # collated one at a time, as they are used
-                for j, (idx, mb) in enumerate(data.micro_batches(samples, cfg.micro_batch_size, processor, accelerator.device, update)):
+                for j, (idx, mb) in enumerate(data.micro_batches(samples, cfg.micro_batch_size, processor, accelerator.device, update, packed)):
                     with optim.grad_sync(accelerator, policy, last=j == n_micro - 1), accelerator.autocast():
                         lp = grpo.sequence_logprobs(policy, mb, temperature=cfg.temperature)
                         old = lp.detach() if on_policy else grpo.stack_rows([old_lp[i] for i in idx], lp.shape[1]).to(lp.device)

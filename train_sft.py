@@ -41,7 +41,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from nanosrpo import checkpoint, config, data, log, model, optim, tiny
+from nanosrpo import checkpoint, config, data, grpo, log, model, optim, tiny
 from nanosrpo.data import IGNORE
 
 
@@ -69,7 +69,8 @@ def main(argv=None):
         base = cfg.stage == "base"
         paths = tiny.resolve(cfg, policy="init" if base else "base", data="sft_base" if base else "sft_reflect")
         model_path, data_path = paths["model"], paths["data"]
-    policy, processor = model.load_policy(model_path)  # fp32 weights: the optimizer's master copy
+    policy, processor = model.load_policy(model_path, attn_implementation=cfg.attn_implementation)  # fp32: the master copy
+    packed = cfg.attn_implementation == "flash_attention_2"  # padding-free micro-batches (data.packed_batch)
     n_frozen = model.freeze_vision(policy) if cfg.freeze_vision else 0
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -145,10 +146,13 @@ def main(argv=None):
         loss_sum = torch.zeros((), device=accelerator.device)
         n_real = n_padded = 0
         for i, mb in enumerate(mine):
-            batch = data.collate(processor, [{**s, "images": [data.load_image(p) for p in s["images"]]} for s in mb])
+            batch = (data.packed_batch if packed else data.collate)(processor, [{**s, "images": [data.load_image(p) for p in s["images"]]} for s in mb])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            n_real, n_padded = n_real + batch["attention_mask"].sum().item(), n_padded + batch["attention_mask"].numel()
-            inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_mask")}
+            real = batch["seq_lens"].sum().item() if packed else batch["attention_mask"].sum().item()
+            n_real, n_padded = n_real + real, n_padded + (real if packed else batch["attention_mask"].numel())
+            inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_mask", "seq_lens")}
+            if packed:  # per-sample (M-RoPE) positions; no KV cache (with one, transformers ignores the packing)
+                inputs.update(position_ids=grpo.packed_position_ids(policy, batch), use_cache=False)
             with optim.grad_sync(accelerator, policy, last=i == len(mine) - 1), accelerator.autocast():
                 logits = policy(**inputs).logits[:, :-1]
                 targets = batch["labels"][:, 1:]

@@ -54,9 +54,34 @@ class TrainConfig(CommonConfig):
     epochs: float = field(default=2.0, metadata={"help": "passes over the data, used when --max_steps is 0"})
     freeze_vision: bool = field(default=True, metadata={"help": "freeze the vision tower and merger (visual.*), as the reference"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2 (GPU, flash-attn installed: trains on padding-free packed micro-batches)"})
     save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (0: only the final one)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept (older ones are deleted; 0: all)"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out_dir, if there is one"})
+
+    def __post_init__(self):
+        check_attn_implementation(self.attn_implementation)
+
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+def check_attn_implementation(name: str) -> None:
+    """Refuse, in one line and before anything loads, an attention kernel this machine cannot run: flash-attn exists
+    only for CUDA GPUs and is an optional install (requirements-gpu.txt), and transformers' own error would come
+    later, as a traceback, after the data and the model have been read."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise SystemExit(f"--attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {name!r}")
+    if name == "flash_attention_2":
+        import importlib.util
+
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--attn_implementation flash_attention_2 needs a CUDA GPU (none here); use sdpa on CPU")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise SystemExit("--attn_implementation flash_attention_2 needs the flash-attn package: "
+                             "pip install flash-attn --no-build-isolation (see requirements-gpu.txt)")
 
 
 def _default(cls, name: str, value):

@@ -247,21 +247,57 @@ def collate(processor, samples: list[dict], pad_side: str = "right") -> dict:
         loss_mask[b, sl] = torch.tensor(s["loss_mask"])
     batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
     batch["labels"] = ids.masked_fill(loss_mask == 0, IGNORE)
+    return _add_images(batch, processor, samples)
+
+
+def _add_images(batch: dict, processor, samples: list[dict]) -> dict:
+    """pixel_values and image_grid_thw of the samples' images in order, and mm_token_type_ids (1 on image tokens)."""
     images = [im for s in samples for im in s.get("images", [])]
     if images:
         vision = processor.image_processor(images=images, return_tensors="pt")
         batch["pixel_values"], batch["image_grid_thw"] = vision["pixel_values"], vision["image_grid_thw"]
-        batch["mm_token_type_ids"] = (ids == tok.convert_tokens_to_ids("<|image_pad|>")).long()
+        batch["mm_token_type_ids"] = (batch["input_ids"] == tokenizer_of(processor).convert_tokens_to_ids("<|image_pad|>")).long()
     return batch
 
 
-def micro_batches(samples: list[dict], size: int, processor, device, indices: list[int] | None = None):
-    """(indices, collated batch on `device`) for consecutive chunks of `size` of samples[indices] (default: all of
-    them, in order), right-padded."""
+def packed_batch(processor, samples: list[dict]) -> dict:
+    """A micro-batch without padding: the samples' tokens end to end in one row, for flash-attention's varlen kernel.
+
+    input_ids [1, N] (N = the sum of the samples' lengths) and position_ids [1, N] that restart at 0 at each sample.
+    transformers reads every restart as a sequence boundary when no attention_mask is given: flash_attention_2 turns
+    them into cu_seqlens (each sample attends only to itself, no pad token is ever computed), sdpa and eager into a
+    block-diagonal causal mask (same numbers, no saving). The images of all samples go in order, as in collate, so
+    the i-th image's features land on the i-th run of <|image_pad|> tokens. labels [1, N] as in collate, and IGNORE
+    on each sample's first token (in the row it would be "predicted" from the previous sample's last token).
+    seq_lens [B] says where the samples are; loss_mask stays [B, T] right-padded, because grpo.sequence_logprobs
+    unpacks the log-probs into that layout, so the loss code does not change. Qwen2.5-VL also needs 3-D M-RoPE
+    positions per sample; they depend on the model's config, so grpo.packed_position_ids adds them at the forward.
+    """
+    lens = [len(s["input_ids"]) for s in samples]
+    ids = torch.tensor([t for s in samples for t in s["input_ids"]], dtype=torch.long).unsqueeze(0)
+    loss_mask = torch.zeros((len(samples), max(lens)), dtype=torch.long)
+    for b, s in enumerate(samples):
+        loss_mask[b, : lens[b]] = torch.tensor(s["loss_mask"])
+    flat_mask = torch.tensor([m for s in samples for m in s["loss_mask"]], dtype=torch.long).unsqueeze(0)
+    starts = torch.tensor([0] + lens[:-1]).cumsum(0)
+    flat_mask[0, starts] = 0
+    batch = {
+        "input_ids": ids,
+        "position_ids": torch.cat([torch.arange(n) for n in lens]).unsqueeze(0),
+        "seq_lens": torch.tensor(lens),
+        "loss_mask": loss_mask,
+        "labels": ids.masked_fill(flat_mask == 0, IGNORE),
+    }
+    return _add_images(batch, processor, samples)
+
+
+def micro_batches(samples: list[dict], size: int, processor, device, indices: list[int] | None = None, packed: bool = False):
+    """(indices, batch on `device`) for consecutive chunks of `size` of samples[indices] (default: all of them, in
+    order): right-padded (collate), or packed into one row without padding (packed_batch: flash-attention only)."""
     indices = list(range(len(samples))) if indices is None else indices
     for s in range(0, len(indices), size):
         idx = indices[s : s + size]
-        batch = collate(processor, [samples[i] for i in idx])
+        batch = (packed_batch if packed else collate)(processor, [samples[i] for i in idx])
         yield idx, {k: v.to(device) for k, v in batch.items()}
 
 

@@ -9,7 +9,7 @@ plain GRPO (Shao et al. 2024, DeepSeekMath), with the variants people compare ag
 No I/O, no sampling:
   group_advantages(rewards, group_size)          -> [N]      one advantage per completion
   policy_loss(logprobs, old, adv, mask, ...)     -> loss, stats
-  sequence_logprobs(model, batch)                -> [B, T]   log p(token_t | tokens_<t), 0 at t = 0
+  sequence_logprobs(model, batch)                -> [B, T]   log p(token_t | tokens_<t), 0 at t = 0 (padded or packed)
   keep_group(accuracies, rewards)                -> bool     the accuracy filter of dynamic sampling
   logprobs_by_sample / stack_rows                            per-sample log-prob rows for old / reference policies
 """
@@ -148,6 +148,8 @@ def sequence_logprobs(model, batch: dict, chunk_size: int = 1024, temperature: f
     from input_ids, attention_mask and image_grid_thw when position_ids are not given, so left or right padding both
     work). Positions where attention_mask is 0 are 0; callers multiply by their completion mask anyway.
     temperature: rollouts sampled at temperature tau must be scored with logits / tau.
+    A packed batch (data.packed_batch: one row, no padding, for flash-attention) gets its per-sample positions from
+    packed_position_ids and comes back unpacked: the same right-padded [B, T] rows as the collated batch gives.
 
     Memory (the chunking): the model returns logits [B, T, V] in its own dtype (bf16 in training); upcasting that to
     float32 and taking log_softmax would add two more full-vocabulary tensors (V = 152k for Qwen2.5-VL). Instead we
@@ -156,6 +158,8 @@ def sequence_logprobs(model, batch: dict, chunk_size: int = 1024, temperature: f
     float32 copy alive: it re-computes one chunk at a time. Numbers equal a plain full log_softmax + gather.
     """
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+    if "seq_lens" in batch:  # a packed row (data.packed_batch): its M-RoPE positions, then unpack the log-probs
+        inputs["position_ids"] = packed_position_ids(model, batch)
     input_ids = inputs["input_ids"]
     B, T = input_ids.shape
     logits = model(**inputs, use_cache=False).logits  # [B, T, V]
@@ -172,9 +176,37 @@ def sequence_logprobs(model, batch: dict, chunk_size: int = 1024, temperature: f
     scored = torch.cat(parts).view(B, T)[:, :-1]  # [B, T - 1]: log-probs of tokens 1 .. T-1
 
     out = torch.cat([scored.new_zeros(B, 1), scored], dim=1)  # [B, T]; position 0 has no context
+    if "seq_lens" in batch:  # [1, N] -> [B, max len], right-padded; each sample's first token has no context either
+        rows = out[0].split(batch["seq_lens"].tolist())
+        return torch.nn.utils.rnn.pad_sequence([torch.cat([r.new_zeros(1), r[1:]]) for r in rows], batch_first=True)
     if "attention_mask" in inputs:
         out = out * inputs["attention_mask"].to(out.dtype)  # padding is not a token of the sample
     return out
+
+
+def packed_position_ids(model, batch: dict) -> torch.Tensor:
+    """Position ids of a packed row (data.packed_batch), each sample numbered as if it were alone.
+
+    A text-only model takes the row's text positions [1, N] as they are. Qwen2.5-VL takes [4, 1, N]: row 0 the text
+    positions (transformers finds the sample boundaries there, as flash-attn's cu_seqlens or sdpa's block mask), rows
+    1-3 the M-RoPE (temporal, height, width) positions, which the model's own get_rope_index computes here for the
+    samples laid out right-padded side by side, exactly as it does for a padded batch, then concatenated.
+    """
+    text = batch["position_ids"]
+    module = model
+    while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):  # DDP; FSDP2 keeps the class
+        module = module.module
+    if not hasattr(module.config, "vision_config"):
+        return text
+    lens = batch["seq_lens"].tolist()
+    ids = torch.nn.utils.rnn.pad_sequence(batch["input_ids"][0].split(lens), batch_first=True)
+    mm = batch.get("mm_token_type_ids", torch.zeros_like(batch["input_ids"]))
+    mm = torch.nn.utils.rnn.pad_sequence(mm[0].split(lens), batch_first=True)
+    attention_mask = (torch.arange(ids.shape[1], device=ids.device)[None] < batch["seq_lens"][:, None].to(ids.device)).long()
+    rope, _ = module.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=batch.get("image_grid_thw"),
+                                          attention_mask=attention_mask)  # [3, B, T]
+    rope = rope[:, attention_mask.bool()].unsqueeze(1)  # [3, 1, N]: the valid positions, sample after sample
+    return torch.cat([text.view(1, 1, -1).to(rope.device), rope], dim=0)
 
 
 # ----------------------------------------------------------------------------------------------------- filtering
@@ -198,7 +230,8 @@ def logprobs_by_sample(model, batches, temperature: float = 1.0) -> list[torch.T
     rows = []
     for _, batch in batches:
         lp = sequence_logprobs(model, batch, temperature=temperature).float().cpu()
-        rows += [lp[i, : int(n)] for i, n in enumerate(batch["attention_mask"].sum(1))]
+        lengths = batch["seq_lens"] if "seq_lens" in batch else batch["attention_mask"].sum(1)
+        rows += [lp[i, : int(n)] for i, n in enumerate(lengths)]
     return rows
 
 

@@ -159,13 +159,13 @@ def shard_like_fsdp(module) -> None:
     fully_shard(module)
 
 
-def load_reference(path: str, accelerator):
+def load_reference(path: str, accelerator, attn_implementation: str | None = None):
     """The frozen initial policy for the KL term. It never trains, so it needs no fp32 master copy: bf16 on GPU. Under
     FSDP it is sharded like the policy (one block gathered at a time), not a full copy per GPU."""
     from accelerate.utils import DistributedType
 
     dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
-    ref = load_policy(path, dtype=dtype)[0].requires_grad_(False).eval().to(accelerator.device)
+    ref = load_policy(path, dtype=dtype, attn_implementation=attn_implementation)[0].requires_grad_(False).eval().to(accelerator.device)
     if accelerator.distributed_type == DistributedType.FSDP:
         shard_like_fsdp(ref)
     return ref
