@@ -30,6 +30,9 @@ def main(argv=None):
     # step_scheduler_with_optimizer=False: we step the schedule once per update (accelerate would step it per process)
     accelerator = Accelerator(log_with=cfg.report_to or None, project_dir=cfg.out_dir, step_scheduler_with_optimizer=False)
     world = accelerator.num_processes
+    if cfg.attn_implementation == "flash_attention_2" and accelerator.mixed_precision not in ("bf16", "fp16"):
+        raise SystemExit("--attn_implementation flash_attention_2 needs bf16 mixed precision (flash-attn cannot run the "
+                         "fp32 policy): accelerate launch --config_file accelerate_fsdp.yaml (or --mixed_precision bf16)")
     model.use_cpu_cores(accelerator, cfg.cpu_threads)
     per_update, updates_per_step = config.grpo_update_plan(cfg, world)  # refuses uneven splits before anything loads
     two_round = cfg.reward_variant != "grpo"  # SRPO asks for think/answer/reflection/think/answer; GRPO for one round

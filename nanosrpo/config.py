@@ -60,16 +60,18 @@ class TrainConfig(CommonConfig):
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out_dir, if there is one"})
 
     def __post_init__(self):
-        check_attn_implementation(self.attn_implementation)
+        check_attn_implementation(self.attn_implementation, getattr(self, "engine", None), getattr(self, "bf16", True))
 
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
-def check_attn_implementation(name: str) -> None:
-    """Refuse, in one line and before anything loads, an attention kernel this machine cannot run: flash-attn exists
+def check_attn_implementation(name: str, engine: str | None = None, bf16: bool = True) -> None:
+    """Refuse, in one line and before anything loads, an attention kernel this run cannot use: flash-attn exists
     only for CUDA GPUs and is an optional install (requirements-gpu.txt), and transformers' own error would come
-    later, as a traceback, after the data and the model have been read."""
+    later, as a traceback, after the data and the model have been read. GRPO (engine given): the transformers engine
+    generates with the trainer's fp32 policy outside autocast, and flash-attn computes in fp16/bf16 only (SFT: the
+    same without --bf16's autocast)."""
     if name not in ATTN_IMPLEMENTATIONS:
         raise SystemExit(f"--attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {name!r}")
     if name == "flash_attention_2":
@@ -79,6 +81,12 @@ def check_attn_implementation(name: str) -> None:
 
         if not torch.cuda.is_available():
             raise SystemExit("--attn_implementation flash_attention_2 needs a CUDA GPU (none here); use sdpa on CPU")
+        if engine == "transformers":
+            raise SystemExit("--attn_implementation flash_attention_2 needs --engine vllm: the transformers engine "
+                             "samples from the fp32 policy, which flash-attn (fp16/bf16 only) cannot run")
+        if not bf16:
+            raise SystemExit("--attn_implementation flash_attention_2 needs --bf16 true: without autocast the fp32 "
+                             "policy's attention inputs are fp32, which flash-attn (fp16/bf16 only) cannot run")
         if importlib.util.find_spec("flash_attn") is None:
             raise SystemExit("--attn_implementation flash_attention_2 needs the flash-attn package: "
                              "pip install flash-attn --no-build-isolation (see requirements-gpu.txt)")

@@ -200,6 +200,22 @@ def test_attn_implementation_option():
         config.parse(config.GRPOConfig, ["--attn_implementation", "flash"])
 
 
+def test_flash_attention_checks_on_a_gpu_machine(monkeypatch):
+    """Where a GPU is present: fp32 attention (the transformers engine's sampling, SFT without --bf16) is refused, and
+    so is a missing flash-attn."""
+    import importlib.util
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit, match="needs --engine vllm"):
+        config.parse(config.GRPOConfig, ["--attn_implementation", "flash_attention_2"])
+    with pytest.raises(SystemExit, match="needs --bf16 true"):
+        config.parse(config.SFTConfig, ["--attn_implementation", "flash_attention_2", "--bf16", "false"])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else object())
+    for cls, extra in [(config.GRPOConfig, ["--engine", "vllm"]), (config.SFTConfig, [])]:
+        with pytest.raises(SystemExit, match="needs the flash-attn package: pip install flash-attn --no-build-isolation"):
+            config.parse(cls, ["--attn_implementation", "flash_attention_2", *extra])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")
 @pytest.mark.parametrize("script", ["train_grpo.py", "train_sft.py"])
 def test_flash_attention_on_cpu_ends_in_one_line(script, tmp_path):
