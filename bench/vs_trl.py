@@ -24,6 +24,12 @@ The same work on both sides, step for step:
         token-mean          = dapo   (every completion token of the update weighs the same)
         seq-mean-token-sum-norm = dr_grpo (token sums over max_new_tokens, mean over sequences)
   - threads: the same torch thread count in both (--threads; 0: every physical core)
+What differs is each tool's own way of doing that work, which is what is measured: TRL's training forward asks the
+model for log-probs of the completion positions only (fused_lm_head, logits_to_keep) and also computes the token
+entropy (it logs it); nanosrpo scores every position (grpo.sequence_logprobs) and keeps the completion's.
+The random-init twin writes no answer tags, so its rewards (and advantages, and the loss's gradient) are 0 on both
+sides: the arithmetic of the step is all done, but the reward path stops early and the weights do not move; pass a
+trained checkpoint with --model for rewards and curves that mean something.
 nanosrpo runs through its own script, train_grpo.main, with flags; its times are the step's own metrics.jsonl
 (time_rollout_s: prompts -> completions -> rewards -> advantages; time_train_s: the update; time_sync_s: engine sync,
 0 for transformers). TRL runs GRPOTrainer.train(); its rollout is the time spent in _generate_and_score_completions
@@ -59,7 +65,7 @@ SIDES = {"nanosrpo": "nanosrpo (transformers generate)", "trl": "TRL 1.16 GRPOTr
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description="nanosrpo's GRPO step vs TRL's GRPOTrainer on the same work (see the module docstring)")
     p.add_argument("--size", default="1m", choices=["1m", "10m"], help="tiny text twin size")
     p.add_argument("--steps", type=int, default=10, help="measured steps per side per round")
     p.add_argument("--rounds", type=int, default=2, help="A B rounds (each side a fresh subprocess per round)")
