@@ -173,6 +173,18 @@ def test_plots_draw_the_training_dynamics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = plots.plot_run(tmp_path)
     assert out is not None and out.stat().st_size > 10_000
+    # the comparison figure of bench/miniature.py: one curve per arm, averaged over its runs
+    fig = plots.plot_comparison({"a": [tmp_path], "b": [tmp_path, tmp_path]}, [("reward", "reward_mean"),
+                                ("eval", "eval_accuracy")], tmp_path / "figs" / "cmp.png")
+    assert fig is not None and fig.stat().st_size > 5_000
+
+
+def test_rolling_mean_by_hand():
+    from nanosrpo.plots import rolling_mean
+
+    # trailing window of 3: [1], [1,2], [1,2,3], [2,3,4], [3,4,8]
+    assert rolling_mean([1, 2, 3, 4, 8], window=3) == [1.0, 1.5, 2.0, 3.0, 5.0]
+    assert rolling_mean([], window=3) == []
 
 
 # ----------------------------------------------------------------------------------------------------- loop branches
