@@ -89,8 +89,12 @@ def main(argv=None):
     on_policy = updates_per_step == 1 and cfg.tis_cap == 0
     packed = cfg.attn_implementation == "flash_attention_2"  # padding-free micro-batches (data.packed_batch)
 
+    shown, eval0 = {}, None  # the bar keeps the last held-out greedy accuracy (and its gain) from one eval to the next
     if start_step == 0 and cfg.eval_every:  # where the policy starts
-        metrics_log.write({"step": 0, **evaluation.greedy_eval(gen, eval_records, system, processor, cfg.max_new_tokens)})
+        m0 = {"step": 0, **evaluation.greedy_eval(gen, eval_records, system, processor, cfg.max_new_tokens)}
+        metrics_log.write(m0)
+        eval0 = m0["eval_accuracy"]
+        shown["eval"] = f"{eval0:.3f}"
     bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not accelerator.is_main_process)
     for step in bar:
         t0 = time.time()
@@ -168,7 +172,10 @@ def main(argv=None):
         metrics_log.write(m)
         if cfg.report_to:
             accelerator.log(m, step=step + 1)
-        bar.set_postfix(reward=f"{m['reward_mean']:.2f}", acc=f"{m['accuracy']:.2f}", s=f"{time.time() - t0:.1f}")
+        if "eval_accuracy" in m:
+            gain = "" if eval0 is None else f" ({m['eval_accuracy'] - eval0:+.3f} vs step 0)"
+            shown["eval"] = f"{m['eval_accuracy']:.3f}{gain}"
+        bar.set_postfix(reward=f"{m['reward_mean']:.2f}", acc=f"{m['accuracy']:.2f}", **shown, s=f"{time.time() - t0:.1f}")
         g = batch["groups"][0]
         if accelerator.is_main_process and cfg.samples_every and step % cfg.samples_every == 0:
             log.write_samples(cfg.out_dir, step + 1, g["rec"], g["completions"], g["scores"])
