@@ -57,12 +57,15 @@ def read(path):
     return [json.loads(line) for line in open(path)]
 
 
-def test_end_to_end_metrics_samples_and_checkpoint(world, tmp_path):
+def test_end_to_end_metrics_samples_and_checkpoint(world, tmp_path, capsys):
     import train_grpo
 
     # 8 sequences per step, 4 per update: two updates per step, so old log-probs and the clipped ratio are exercised
     train_grpo.main(args(world, tmp_path, "--max_steps", "2", "--save_every", "2", "--samples_every", "1"))
     rows = read(tmp_path / "metrics.jsonl")
+    # the progress bar shows the held-out greedy accuracy of the last eval and its gain over step 0
+    gain = rows[-1]["eval_accuracy"] - rows[0]["eval_accuracy"]
+    assert f"eval={rows[-1]['eval_accuracy']:.3f} ({gain:+.3f} vs step 0)" in capsys.readouterr().err
     assert rows[0]["step"] == 0 and "eval_accuracy" in rows[0]  # the starting point
     steps = [r for r in rows if "reward_mean" in r]
     assert [r["step"] for r in steps] == [1, 2]
