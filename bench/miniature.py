@@ -1,6 +1,6 @@
 """The paper's experiment in miniature: base vs GRPO vs SFT-only vs SRPO (+ the Table 4 ablations), on the tiny world.
 
-    python bench/miniature.py                          # everything (about an hour on a 2-core CPU); resumes if rerun
+    python bench/miniature.py                          # everything (about 90 min on a 2-core CPU); resumes if rerun
     python bench/miniature.py --seeds 0 --arms srpo    # a subset
     python bench/miniature.py --report_only true       # redraw the table and figures from what is there
 
@@ -8,13 +8,13 @@ Each stage is the project's own script with its own defaults, run as a child pro
   base      the tiny base policy (stands in for the pretrained Instruct model)          tiny.ensure_policy("base")
   sft-only  base -> curate.py (its own attempts, oracle reflections, 30/70) -> train_sft.py
             (tiny.ensure_policy(reflect_data="curated"), cached in the tiny world like the base)
-  RL arms, one run per seed, the same RL budget (train_grpo.py's defaults, or --rl_steps):
+  RL arms, one run per seed, the same RL budget (--rl_steps, 30 by default, otherwise train_grpo.py's defaults):
     grpo          base     -> train_grpo.py --reward_variant grpo (one-round prompt)
     srpo          sft-only -> train_grpo.py (the paper's reward)
     srpo_no_eff   sft-only -> train_grpo.py --use_effectiveness false
     srpo_no_len   sft-only -> train_grpo.py --use_length false
     srpo_code     sft-only -> train_grpo.py --reward_variant code (the released code's reward)
-    default       the README's main command: the synthetic-flaw cold start -> train_grpo.py (no flags)
+    default       (only if asked for) the README's main command: the synthetic-flaw cold start -> train_grpo.py
   evaluate.py on the held-out split for base, sft-only, the synthetic cold start and every RL run: greedy, and 4 samples
   at temperature 1.0.
 Then <out_dir>/table.md (mean and range over seeds), results.json, and figures/*.png (training dynamics, GRPO vs SRPO).
@@ -63,8 +63,9 @@ class MiniatureConfig:
     out_dir: str = field(default="out/miniature", metadata={"help": "runs, evals, table.md, figures/ go here"})
     cache_dir: str = field(default="out/tiny", metadata={"help": "the tiny world (shared with the default run)"})
     seeds: str = field(default="0,1,2", metadata={"help": "RL seeds, comma-separated"})
-    arms: str = field(default=",".join(ARMS), metadata={"help": f"RL arms, comma-separated, of: {', '.join(ARMS)}"})
-    rl_steps: int = field(default=0, metadata={"help": "GRPO steps per RL run (0: train_grpo.py's default)"})
+    arms: str = field(default="grpo,srpo,srpo_no_eff,srpo_no_len,srpo_code",
+                      metadata={"help": f"RL arms, comma-separated, of: {', '.join(ARMS)}"})
+    rl_steps: int = field(default=30, metadata={"help": "GRPO steps per RL run, the same for every arm (0: train_grpo.py's default)"})
     n_samples: int = field(default=4, metadata={"help": "sampled responses per eval problem (temperature 1.0)"})
     report_only: bool = field(default=False, metadata={"help": "only (re)write table.md and the figures"})
 
