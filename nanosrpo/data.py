@@ -228,11 +228,12 @@ def tokenize_chat(processor, messages: list[dict]) -> dict:
     return {"input_ids": ids, "loss_mask": assistant_mask(ids, tokenizer_of(processor)), "images": images}
 
 
-def collate(processor, samples: list[dict], pad_side: str = "right") -> dict:
+def collate(processor, samples: list[dict], pad_side: str = "right", share_images: bool = False) -> dict:
     """Pad samples {"input_ids", "loss_mask", "images"} into model inputs.
 
     Returns input_ids, attention_mask, loss_mask (1 = a token to learn), labels (IGNORE where loss_mask is 0), and for
     images pixel_values, image_grid_thw and mm_token_type_ids (Qwen2.5-VL needs the last to build M-RoPE positions).
+    share_images: images repeated across samples are processed once (see _add_images; for grpo.sequence_logprobs).
     """
     tok = tokenizer_of(processor)
     width = max(len(s["input_ids"]) for s in samples)
@@ -247,20 +248,33 @@ def collate(processor, samples: list[dict], pad_side: str = "right") -> dict:
         loss_mask[b, sl] = torch.tensor(s["loss_mask"])
     batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
     batch["labels"] = ids.masked_fill(loss_mask == 0, IGNORE)
-    return _add_images(batch, processor, samples)
+    return _add_images(batch, processor, samples, share_images)
 
 
-def _add_images(batch: dict, processor, samples: list[dict]) -> dict:
-    """pixel_values and image_grid_thw of the samples' images in order, and mm_token_type_ids (1 on image tokens)."""
+def _add_images(batch: dict, processor, samples: list[dict], share_images: bool = False) -> dict:
+    """pixel_values and image_grid_thw of the samples' images in order, and mm_token_type_ids (1 on image tokens).
+
+    share_images: the n completions of a GRPO group carry the same image objects (their prompt's). Each distinct
+    image (by identity) is then processed once and, if some repeat, batch["image_index"] [n_images] says which
+    distinct image each occurrence is: pixel_values hold the distinct images only, image_grid_thw stays one row per
+    occurrence (the M-RoPE positions and the image-token count read it), and grpo.sequence_logprobs runs the vision
+    tower once per distinct image (grpo.logits_sharing_images). Without repeats the batch is as without sharing.
+    """
     images = [im for s in samples for im in s.get("images", [])]
     if images:
-        vision = processor.image_processor(images=images, return_tensors="pt")
-        batch["pixel_values"], batch["image_grid_thw"] = vision["pixel_values"], vision["image_grid_thw"]
+        keys = [id(im) if share_images else j for j, im in enumerate(images)]  # ids: all are alive here, so unique
+        slot = {}  # key -> its position among the distinct images
+        index = [slot.setdefault(k, len(slot)) for k in keys]
+        distinct = list(dict(zip(keys, images)).values())  # in order of first appearance, as `slot` numbers them
+        vision = processor.image_processor(images=distinct, return_tensors="pt")
+        batch["pixel_values"], batch["image_grid_thw"] = vision["pixel_values"], vision["image_grid_thw"][index]
+        if len(distinct) < len(images):
+            batch["image_index"] = torch.tensor(index)
         batch["mm_token_type_ids"] = (batch["input_ids"] == tokenizer_of(processor).convert_tokens_to_ids("<|image_pad|>")).long()
     return batch
 
 
-def packed_batch(processor, samples: list[dict]) -> dict:
+def packed_batch(processor, samples: list[dict], share_images: bool = False) -> dict:
     """A micro-batch without padding: the samples' tokens end to end in one row, for flash-attention's varlen kernel.
 
     input_ids [1, N] (N = the sum of the samples' lengths) and position_ids [1, N] that restart at 0 at each sample.
@@ -288,16 +302,17 @@ def packed_batch(processor, samples: list[dict]) -> dict:
         "loss_mask": loss_mask,
         "labels": ids.masked_fill(flat_mask == 0, IGNORE),
     }
-    return _add_images(batch, processor, samples)
+    return _add_images(batch, processor, samples, share_images)
 
 
 def micro_batches(samples: list[dict], size: int, processor, device, indices: list[int] | None = None, packed: bool = False):
     """(indices, batch on `device`) for consecutive chunks of `size` of samples[indices] (default: all of them, in
-    order): right-padded (collate), or packed into one row without padding (packed_batch: flash-attention only)."""
+    order): right-padded (collate), or packed into one row without padding (packed_batch: flash-attention only).
+    The batches are for grpo.sequence_logprobs, so a group's shared prompt image is processed (and encoded) once."""
     indices = list(range(len(samples))) if indices is None else indices
     for s in range(0, len(indices), size):
         idx = indices[s : s + size]
-        batch = (packed_batch if packed else collate)(processor, [samples[i] for i in idx])
+        batch = (packed_batch if packed else collate)(processor, [samples[i] for i in idx], share_images=True)
         yield idx, {k: v.to(device) for k, v in batch.items()}
 
 

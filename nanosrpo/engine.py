@@ -7,7 +7,8 @@
 
 Three facts a reader needs (the README's vLLM section has the details and how they were verified):
 - The training loop never re-tokenises decoded text: it trains on exactly the ids the engine sampled.
-- TransformersEngine samples with `model.generate` on the trainer's own module, so its sync is a no-op.
+- TransformersEngine samples on the trainer's own module (its own decode loop, same numbers as `model.generate`),
+  so its sync is a no-op.
 - VLLMEngine is a colocated vLLM `LLM` in this process (one per rank) whose weights are overwritten in place every step
   with `collective_rpc("reload_weights", weights_iterator=...)`: one tensor at a time, no disk, no second model copy.
 """
@@ -115,7 +116,14 @@ def banned_ids(tokenizer) -> list[int]:
 
 
 class TransformersEngine:
-    """Sampling with transformers' `generate` on the trainer's module. Simple, exact, slow for long rollouts."""
+    """Sampling on the trainer's own module with a small decode loop of our own (decode below), not `model.generate`.
+
+    Why not generate: at the tiny sizes a decode step is ~all per-token Python overhead (logits processors, stopping
+    criteria, prepare_inputs_for_generation, Qwen2.5-VL's rope index), and generate would push every prompt n times
+    through prefill and the vision tower. decode prefills each distinct prompt once and expands its KV cache to the
+    group, and drops finished rows, so the tail of a batch does not decode padding. Same numbers as generate: greedy
+    gives the same tokens (tests/test_engine_decode.py), sampling draws from the same processed distribution.
+    """
 
     def __init__(self, model, processor, batch_size: int = 64):
         self.model, self.processor, self.batch_size = model, processor, batch_size
@@ -127,42 +135,20 @@ class TransformersEngine:
 
     @torch.no_grad()
     def generate(self, prompts, n, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False, logprobs=False):
-        # Each prompt repeated n times, adjacent: a group of n completions is n rows of one batch.
-        rows = [p for p in prompts for _ in range(n)]
+        # batch_size counts rows (completions): whole groups of n rows, at least one group per call of decode.
+        per_call = max(1, self.batch_size // n)
+        tok = data.tokenizer_of(self.processor)
         out = []
         was_training = self.model.training
         self.model.eval()
-        for s in range(0, len(rows), self.batch_size):
-            chunk = rows[s : s + self.batch_size]
-            batch = data.collate(self.processor, [{"input_ids": p["ids"], "loss_mask": [0] * len(p["ids"]), "images": p["images"]} for p in chunk], pad_side="left")
-            inputs = {k: v.to(self.model.device) for k, v in batch.items() if k not in ("loss_mask", "labels")}
-            sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-            gen = self.model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=self.pad_id,
-                eos_token_id=sorted(self.stop_ids),
-                suppress_tokens=self.suppress,
-                output_scores=logprobs,
-                return_dict_in_generate=True,
-                **sampling,
-            )
-            new = gen.sequences[:, inputs["input_ids"].shape[1] :].tolist()
-            for i, ids in enumerate(new):
-                ids = self._cut(ids)
-                lp = None
-                if logprobs:  # log-softmax of the processed scores (temperature applied) at each sampled token
-                    lp = [torch.log_softmax(gen.scores[t][i].float(), -1)[tok].item() for t, tok in enumerate(ids)]
-                out.append({"ids": ids, "text": data.tokenizer_of(self.processor).decode(ids, skip_special_tokens=True), "logprobs": lp})
-        self.model.train(was_training)
+        try:
+            for s in range(0, len(prompts), per_call):
+                rows = decode(self.model, self.processor, prompts[s : s + per_call], n, max_new_tokens,
+                              sorted(self.stop_ids), self.suppress, temperature, top_p, greedy, logprobs)
+                out += [{"ids": ids, "text": tok.decode(ids, skip_special_tokens=True), "logprobs": lp} for ids, lp in rows]
+        finally:
+            self.model.train(was_training)
         return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
-
-    def _cut(self, ids: list[int]) -> list[int]:
-        """Completion ids up to and including the first stop token (generate pads finished rows after it)."""
-        for j, t in enumerate(ids):
-            if t in self.stop_ids:
-                return ids[: j + 1]
-        return ids
 
     def sync(self, model) -> float:
         return 0.0  # the engine samples from the trainer's module itself: nothing to copy
@@ -338,6 +324,97 @@ class VLLMEngine:
             self.llm.wake_up(tags=["weights"])
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
+
+
+# ------------------------------------------------------------------------------------------------ the decode loop
+def decode(model, processor, prompts, n, max_new_tokens, stop_ids, suppress, temperature=1.0, top_p=1.0,
+           greedy=False, logprobs=False) -> list[tuple[list[int], list[float] | None]]:
+    """n completions of each prompt, prompt-major (rows i*n .. i*n+n-1 belong to prompts[i]): [(ids, logprobs)].
+
+    1. Prefill each distinct prompt once (left-padded batch; images through the vision tower once), keeping only the
+       last position's logits, then repeat the KV cache n times along the batch (repeat_interleave: a group's rows
+       are adjacent).
+    2. Decode one token per step for the rows still running. Positions are passed explicitly, as generate computes
+       them: text positions count a row's real tokens (left padding does not shift them), and Qwen2.5-VL's 3-D M-RoPE
+       positions come from the model's own get_rope_index at prefill and then advance by 1 per token on all axes
+       (= text position + rope_delta), so the rope index is never recomputed.
+    3. A row stops at its first stop id (kept in its ids) or at max_new_tokens; finished rows leave the batch
+       (index_select on the KV cache), so the tail decodes only live rows.
+    Sampling is generate's: suppressed ids -> -inf, then logits / temperature, then top-p (same rule as transformers'
+    TopPLogitsWarper; top_k is 0: none), multinomial from the global torch RNG; greedy is argmax of the suppressed
+    logits (no temperature). logprobs are log_softmax of those processed logits at the chosen token, i.e. the
+    distribution sampled from, which is what the trainer's log_softmax(logits / temperature) recomputes when top_p = 1.
+    The model's own generation_config (e.g. a checkpoint's repetition_penalty) is not applied: as in the vLLM engine,
+    only the arguments given here shape the distribution, so that it is the one the trainer scores.
+    """
+    from transformers import DynamicCache
+
+    device = model.device
+    batch = data.collate(processor, [{"input_ids": p["ids"], "loss_mask": [0] * len(p["ids"]), "images": p["images"]}
+                                     for p in prompts], pad_side="left")
+    inputs = {k: v.to(device) for k, v in batch.items() if k not in ("loss_mask", "labels")}
+    attn = inputs["attention_mask"]
+    text_pos = (attn.cumsum(-1) - 1).clamp(min=0)  # generate's positions: 0 on the first real token of each row
+    vl = hasattr(model.config, "vision_config")
+    if vl and "image_grid_thw" in inputs:  # [4, B, T]: text positions (for the mask) + (t, h, w) M-RoPE positions
+        rope, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                             image_grid_thw=inputs["image_grid_thw"], attention_mask=attn)
+        pos = torch.cat([text_pos[None], rope.to(text_pos.dtype)])
+    elif vl:  # no image in this batch: the three M-RoPE axes are the text position
+        pos = text_pos[None].expand(4, -1, -1)
+    else:
+        pos = text_pos
+    cache = DynamicCache(config=model.config)
+    logits = model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    # The group: n adjacent copies of each prompt's state.
+    cache.batch_repeat_interleave(n)
+    logits, attn = logits.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
+    pos = pos[..., -1:].repeat_interleave(n, dim=pos.dim() - 2) + 1  # the next token's position, per row
+    live = torch.arange(len(prompts) * n, device=device)  # row numbers of the rows still in the batch
+    stops = torch.tensor(stop_ids, device=device)
+    banned = torch.tensor(suppress, dtype=torch.long, device=device)
+    ids = [[] for _ in range(len(prompts) * n)]
+    lps = [[] for _ in range(len(prompts) * n)] if logprobs else None
+
+    for step in range(max_new_tokens):
+        scores = logits.float()
+        scores[:, banned] = float("-inf")
+        if greedy:
+            token = scores.argmax(-1)
+        else:
+            if temperature != 1.0:
+                scores = scores / temperature
+            if top_p < 1.0:
+                scores = _top_p(scores, top_p)
+            token = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+        for r, t in zip(live.tolist(), token.tolist()):
+            ids[r].append(t)
+        if logprobs:
+            lp = scores.log_softmax(-1).gather(1, token[:, None]).squeeze(1)
+            for r, v in zip(live.tolist(), lp.tolist()):
+                lps[r].append(v)
+        running = ~torch.isin(token, stops)
+        if step == max_new_tokens - 1 or not running.any():
+            break
+        if not running.all():  # drop the finished rows from everything that has a batch dimension
+            keep = running.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            live, token, attn, pos = live[keep], token[keep], attn[keep], pos.index_select(pos.dim() - 2, keep)
+        attn = torch.cat([attn, attn.new_ones(len(live), 1)], dim=1)
+        logits = model(input_ids=token[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
+                       use_cache=True).logits[:, -1]
+        pos = pos + 1
+    return [(ids[r], lps[r] if logprobs else None) for r in range(len(ids))]
+
+
+def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering as transformers' TopPLogitsWarper does it: drop the tokens whose cumulative probability,
+    counted from the least likely, stays <= 1 - top_p (the most likely token always stays)."""
+    sorted_scores, order = torch.sort(scores, descending=False)
+    remove = sorted_scores.softmax(-1).cumsum(-1) <= (1 - top_p)
+    remove[:, -1] = False
+    return scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -162,7 +162,7 @@ def sequence_logprobs(model, batch: dict, chunk_size: int = 1024, temperature: f
         inputs["position_ids"] = packed_position_ids(model, batch)
     input_ids = inputs["input_ids"]
     B, T = input_ids.shape
-    logits = model(**inputs, use_cache=False).logits  # [B, T, V]
+    logits = logits_sharing_images(model, inputs, batch.get("image_index"))  # [B, T, V]
 
     # logits[:, j] predicts the token after it; the last row predicts past the end and is dropped below.
     targets = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)  # dummy target for that row
@@ -241,3 +241,37 @@ def stack_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
     return out
+
+
+def logits_sharing_images(model, inputs: dict, image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """model(**inputs).logits, with Qwen2.5-VL's vision tower run once per distinct image of the batch.
+
+    A GRPO micro-batch holds several completions of the same prompt, each with a copy of its image. With
+    share_images, data.collate / packed_batch give pixel_values of the distinct images only and image_index
+    [n_images], the distinct image of each occurrence (image_grid_thw keeps one row per occurrence). For this one
+    forward the model's get_image_features is wrapped: it encodes the distinct images (with their own grid rows) and
+    returns one feature block per occurrence, in order, which the forward scatters onto the image tokens as always.
+    The numbers are those of encoding every copy (the tower attends within an image only); with a trainable tower a
+    shared image's gradient is the sum over its occurrences, as over copies (tests/test_packing.py). Wrapping the
+    method, rather than calling the tower before the forward, keeps it inside the model's own forward, where FSDP has
+    gathered its parameters. No image_index: the plain forward.
+    """
+    if image_index is None:
+        return model(**inputs, use_cache=False).logits
+    module = model
+    while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):  # DDP; FSDP2 keeps the class
+        module = module.module
+    vl = module.model  # Qwen2_5_VLModel: its forward calls self.get_image_features(pixel_values, image_grid_thw, ...)
+    encode, index = vl.get_image_features, image_index.tolist()
+    first = [index.index(d) for d in range(max(index) + 1)]  # an occurrence of each distinct image: its grid row
+
+    def get_image_features(pixel_values, image_grid_thw, **kwargs):
+        out = encode(pixel_values, image_grid_thw[first], **kwargs)
+        out.pooler_output = tuple(out.pooler_output[d] for d in index)
+        return out
+
+    vl.get_image_features = get_image_features
+    try:
+        return model(**inputs, use_cache=False).logits
+    finally:
+        del vl.get_image_features  # the class's own method again

@@ -192,6 +192,69 @@ def test_sft_loss_on_packed_labels_equals_padded(world):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-6)
 
 
+# ----------------------------------------------------------------------------------------------------- shared images
+def _group_batch(samples):
+    """A micro-batch as GRPO draws it: completions of the same prompts (the same image objects), interleaved."""
+    def again(s, cut):  # another completion of the same prompt: same image objects, a shorter answer
+        return {"input_ids": s["input_ids"][:-cut], "loss_mask": s["loss_mask"][:-cut], "images": s["images"]}
+    return [samples[0], samples[1], again(samples[0], 3), samples[2], again(samples[1], 5), again(samples[0], 7)]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_shared_images_encoded_once_same_logprobs_and_gradients(world, packed):
+    """data.micro_batches' share_images: each distinct image through the processor and the vision tower once, with
+    log-probs and gradients (vision tower included: it is trainable here) equal to encoding every copy."""
+    policies, processor, samples, text_only = world
+    if text_only:
+        pytest.skip("no images")
+    policy = policies["sdpa"]
+    group = _group_batch(samples)
+    make = data.packed_batch if packed else data.collate
+    plain, shared = make(processor, group), make(processor, group, share_images=True)
+    assert "image_index" not in plain and shared["image_index"].tolist() == [0, 1, 0, 2, 1, 0]
+    assert torch.equal(shared["image_grid_thw"], plain["image_grid_thw"])  # one grid row per occurrence, as before
+    n_patches = plain["image_grid_thw"].prod(1)
+    assert shared["pixel_values"].shape[0] == int(n_patches[:2].sum() + n_patches[3]) < plain["pixel_values"].shape[0]
+    # without repeats nothing changes
+    assert set(make(processor, samples, share_images=True)) == set(make(processor, samples))
+
+    encoded = []  # images per call of the vision tower
+    hook = policy.model.visual.register_forward_hook(lambda m, args, kw, out: encoded.append(len(kw["grid_thw"])), with_kwargs=True)
+    weights = torch.randn(plain["loss_mask"].shape, generator=torch.Generator().manual_seed(0)) * plain["loss_mask"]
+    params = [p for p in policy.parameters() if p.requires_grad]
+
+    def run(batch):
+        policy.zero_grad(set_to_none=True)
+        lp = grpo.sequence_logprobs(policy, batch)
+        (lp * weights).sum().backward()
+        return lp.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    try:
+        (lp_plain, g_plain), (lp_shared, g_shared) = run(plain), run(shared)
+    finally:
+        hook.remove()
+        policy.zero_grad(set_to_none=True)
+    assert encoded == [6, 3]
+    torch.testing.assert_close(lp_shared, lp_plain, atol=1e-6, rtol=0)
+    visual = [i for i, (n, _) in enumerate(policy.named_parameters()) if n.startswith("model.visual.")]
+    assert visual and any(g_shared[i].abs().sum() > 0 for i in visual)  # the tower's gradient is really there
+    for g, w in zip(g_shared, g_plain):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+    assert "get_image_features" not in vars(policy.model)  # the wrapper is gone after the forward
+
+
+def test_micro_batches_share_images(world):
+    """train_grpo.py's micro-batches share a group's image; the rows equal those of unshared batches."""
+    policies, processor, samples, text_only = world
+    group = _group_batch(samples)
+    batches = list(data.micro_batches(group, 4, processor, "cpu"))
+    assert ("image_index" in batches[0][1]) == (not text_only)
+    rows = grpo.logprobs_by_sample(policies["sdpa"], batches)
+    want = grpo.logprobs_by_sample(policies["sdpa"], [(i, data.collate(processor, [group[j] for j in i])) for i, _ in batches])
+    for a, b in zip(rows, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------------- the option
 def test_attn_implementation_option():
     assert config.parse(config.GRPOConfig, []).attn_implementation == "sdpa"
