@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanosrpo import data
+from nanosrpo import data, grpo
 
 
 # Wrapper prefixes a trainer's module tree may add around the HF model.
@@ -52,13 +52,6 @@ def vllm_weight_name(hf_name: str) -> str:
     return name
 
 
-def _unwrap_module(model):
-    """The HF module under DDP / accelerate wrappers (FSDP2's fully_shard keeps the class, nothing to unwrap)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
-
-
 def trainer_weights(model, dtype: torch.dtype | None = None, skip_frozen: bool = False):
     """(hf_name, full tensor) for every tensor of the trainer's model, one at a time, in `dtype` if given.
 
@@ -84,7 +77,7 @@ def trainer_weights(model, dtype: torch.dtype | None = None, skip_frozen: bool =
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover
         DTensor = ()
-    module = _unwrap_module(model)
+    module = grpo.unwrap(model)
     cfg = getattr(module, "config", None)
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     tied = bool(getattr(cfg, "tie_word_embeddings", False) or getattr(text_cfg, "tie_word_embeddings", False))

@@ -193,9 +193,7 @@ def packed_position_ids(model, batch: dict) -> torch.Tensor:
     samples laid out right-padded side by side, exactly as it does for a padded batch, then concatenated.
     """
     text = batch["position_ids"]
-    module = model
-    while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):  # DDP; FSDP2 keeps the class
-        module = module.module
+    module = unwrap(model)
     if not hasattr(module.config, "vision_config"):
         return text
     lens = batch["seq_lens"].tolist()
@@ -258,9 +256,7 @@ def logits_sharing_images(model, inputs: dict, image_index: Optional[torch.Tenso
     """
     if image_index is None:
         return model(**inputs, use_cache=False).logits
-    module = model
-    while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):  # DDP; FSDP2 keeps the class
-        module = module.module
+    module = unwrap(model)
     vl = module.model  # Qwen2_5_VLModel: its forward calls self.get_image_features(pixel_values, image_grid_thw, ...)
     encode, index = vl.get_image_features, image_index.tolist()
     first = [index.index(d) for d in range(max(index) + 1)]  # an occurrence of each distinct image: its grid row
@@ -275,3 +271,10 @@ def logits_sharing_images(model, inputs: dict, image_index: Optional[torch.Tenso
         return model(**inputs, use_cache=False).logits
     finally:
         del vl.get_image_features  # the class's own method again
+
+
+def unwrap(model):
+    """The HF module under DDP / accelerate / torch.compile wrappers (FSDP2's fully_shard keeps the class)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
