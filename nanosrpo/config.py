@@ -129,6 +129,10 @@ class GRPOConfig(EngineConfig, TrainConfig):
     # --- rollouts (the engine options are EngineConfig's)
     group_size: int = field(default=8, metadata={"help": "completions per prompt (G)"})
     rollout_batch_size: int = field(default=8, metadata={"help": "prompts per step, all processes together"})
+    # The tiny run samples at 0.7, not the paper's 1.0 (the preset's): at 1.0 the tiny policy slips far more often than
+    # under the greedy eval, so RL tunes the reflection's verdict for a mix of first answers that greedy decoding never
+    # produces (README, "Where SRPO learns and where it does not").
+    temperature: float = _default(EngineConfig, "temperature", 0.7)
     filter_accuracy: bool = field(default=False, metadata={"help": "keep groups whose mean accuracy reward (as a fraction of its maximum) is in [filter_low, filter_high] (dynamic sampling)"})
     filter_low: float = field(default=0.1, metadata={"help": "accuracy filter lower bound"})
     filter_high: float = field(default=0.9, metadata={"help": "accuracy filter upper bound"})
@@ -149,7 +153,7 @@ class GRPOConfig(EngineConfig, TrainConfig):
     normalize_std: bool = field(default=True, metadata={"help": "divide advantages by the group std (False: Dr. GRPO)"})
     tis_cap: float = field(default=0.0, metadata={"help": "truncated importance sampling for engine/trainer log-prob mismatch: cap (e.g. 3.0); 0 = off"})
     # --- length of the run, logging, checkpoints
-    max_steps: int = _default(TrainConfig, "max_steps", 60)
+    max_steps: int = _default(TrainConfig, "max_steps", 40)
     epochs: float = _default(TrainConfig, "epochs", 1.0)
     eval_every: int = field(default=10, metadata={"help": "greedy eval on eval_data every N steps (0: never)"})
     eval_size: int = field(default=200, metadata={"help": "eval records used"})

@@ -11,8 +11,9 @@ Layout under cache_dir/<size>[-text]/:
   init/                  random-init policy (save_pretrained)
   data/train.jsonl       RL records            data/eval.jsonl   held-out eval records
   data/sft_base.jsonl    one-round chains of thought (stand-in for the pretrained Instruct model's skills)
-  data/sft_reflect.jsonl two-round oracle responses (the reflection cold start, ~30% correct / 70% flawed)
-  base/, reflect/        the trained policies (ensure_policy)
+  data/sft_reflect.jsonl two-round oracle responses with invented flaws (~30% correct / 70% flawed)
+  curate/                curate.py's output: the base's own attempts, the oracle's reflections, the 30/70 SFT mix
+  base/, reflect-curated/ the trained policies (ensure_policy; reflect/ if built from sft_reflect.jsonl)
 """
 
 import shutil
@@ -232,18 +233,20 @@ RECIPE = {
 
 
 def ensure_policy(cache_dir: str, size: str = "1m", text_only: bool = False, stage: str = "reflect",
-                  reflect_data: str = "synthetic") -> str:
+                  reflect_data: str = "curated") -> str:
     """Path of the tiny world's base (stage="base") or reflection-SFT (stage="reflect") policy, trained on first use.
 
     base    = the random init trained on data/sft_base.jsonl (one-round chains): the stand-in for a pretrained model
-    reflect = base trained on data/sft_reflect.jsonl (two-round oracle responses): the reflection cold start
-              With reflect_data="curated" (cached as <world>/reflect-curated) it trains instead on SRPO stage-1 data
-              from `python curate.py` (cached in <world>/curate/): the base's own sampled attempts at the training
-              questions, reflected on by the oracle teacher, mixed 30/70. Not the default: measured worse on the tiny
-              world so far (README, "Reflection data: curate.py").
+    reflect = the reflection cold start, SRPO's stage 1 for real (the default, reflect_data="curated", cached as
+              <world>/reflect-curated): `python curate.py` (cached in <world>/curate/) has the base answer the training
+              questions (2 sampled attempts each), the oracle teacher reflect on each attempt against the ground
+              truth, and mixes them 30/70; then the base is trained on that. With reflect_data="synthetic" (cached as
+              <world>/reflect) it trains instead on data/sft_reflect.jsonl, two-round records whose first attempts
+              have invented flaws: quicker to build (no curation), but RL from it does not raise the greedy eval
+              (README, "Where SRPO learns and where it does not").
     Each is `python train_sft.py --stage STAGE` with the RECIPE's flags, cached as
-    <world>/base and <world>/reflect (save_pretrained dirs; the runs' metrics.jsonl and run.json stay in
-    <world>/<stage>-run). Delete those to rebuild. Call on one process at a time (accelerator.main_process_first()).
+    <world>/base and <world>/reflect[-curated] (save_pretrained dirs; the runs' metrics.jsonl and run.json stay in
+    <world>/<name>-run). Delete those to rebuild. Call on one process at a time (accelerator.main_process_first()).
     """
     import os
     import subprocess
