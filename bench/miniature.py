@@ -8,15 +8,16 @@ Each stage is the project's own script with its own defaults, run as a child pro
   base      the tiny base policy (stands in for the pretrained Instruct model)          tiny.ensure_policy("base")
   sft-only  base -> curate.py (its own attempts, oracle reflections, 30/70) -> train_sft.py
             (tiny.ensure_policy(reflect_data="curated"), cached in the tiny world like the base)
-  RL arms, one run per seed, the same RL budget (--rl_steps, 30 by default, otherwise train_grpo.py's defaults):
+  RL arms, one run per seed, the same RL budget (--rl_steps, 30 by default) at the paper's sampling temperature 1.0,
+  otherwise train_grpo.py's defaults:
     grpo          base     -> train_grpo.py --reward_variant grpo (one-round prompt)
     srpo          sft-only -> train_grpo.py (the paper's reward)
     srpo_no_eff   sft-only -> train_grpo.py --use_effectiveness false
     srpo_no_len   sft-only -> train_grpo.py --use_length false
     srpo_code     sft-only -> train_grpo.py --reward_variant code (the released code's reward)
-    default       (only if asked for) the README's main command: the synthetic-flaw cold start -> train_grpo.py
-  evaluate.py on the held-out split for base, sft-only, the synthetic cold start and every RL run: greedy, and 4 samples
-  at temperature 1.0.
+    default       (only if asked for) the README's main command: sft-only -> train_grpo.py with no flags at all
+                  (its own steps and temperature, see config.GRPOConfig)
+  evaluate.py on the held-out split for base, sft-only and every RL run: greedy, and 4 samples at temperature 1.0.
 Then <out_dir>/table.md (mean and range over seeds), results.json, and figures/*.png (training dynamics, GRPO vs SRPO).
 
 Resuming: a finished stage leaves its outputs (a trained policy, an eval's results.json) and is skipped on a rerun; an
@@ -43,18 +44,17 @@ ARMS = {  # arm -> (starting policy, train_grpo.py flags, evaluate.py prompt)
     "srpo_no_eff": ("sft-only", ["--use_effectiveness", "false"], "srpo"),
     "srpo_no_len": ("sft-only", ["--use_length", "false"], "srpo"),
     "srpo_code": ("sft-only", ["--reward_variant", "code"], "srpo"),
-    "default": ("cold-start", [], "srpo"),
+    "default": ("sft-only", [], "srpo"),
 }
 LABELS = {
     "base": "base (one round)",
     "sft-only": "SFT-only (curated cold start)",
-    "cold-start": "synthetic-flaw cold start",
     "grpo": "GRPO (base, one round)",
     "srpo": "SRPO (curated cold start)",
     "srpo_no_eff": "SRPO w/o I_eff",
     "srpo_no_len": "SRPO w/o f_len",
     "srpo_code": "SRPO, released code's reward",
-    "default": "SRPO (synthetic cold start: the default run)",
+    "default": "SRPO, train_grpo.py's defaults (the default run)",
 }
 
 
@@ -120,24 +120,21 @@ def main(argv=None):
         os.environ.setdefault("TQDM_MININTERVAL", "5")  # children's progress bars: a line every 5 s, not a flood
         # ---- the starting policies (cached in the tiny world, built once)
         starts = {}
-        for name, stage, data in (("base", "base", "synthetic"), ("cold-start", "reflect", "synthetic"),
-                                  ("sft-only", "reflect", "curated")):
-            if name == "cold-start" and "default" not in arms:
-                continue
+        for name, stage, data in (("base", "base", "synthetic"), ("sft-only", "reflect", "curated")):
             times.timed(f"build {name}", lambda: starts.__setitem__(
                 name, tiny.ensure_policy(cfg.cache_dir, stage=stage, reflect_data=data)))
-        for name, prompt in (("base", "grpo"), ("sft-only", "srpo"), ("cold-start", "srpo")):
-            if name in starts:
-                evaluate(Path(starts[name]), prompt, out / "eval" / name, cfg, times, name)
+        for name, prompt in (("base", "grpo"), ("sft-only", "srpo")):
+            evaluate(Path(starts[name]), prompt, out / "eval" / name, cfg, times, name)
         # ---- the RL arms, seed-major: a partial table after one pass already has every arm
         for seed in seeds:
             for arm in arms:
                 start, flags, prompt = ARMS[arm]
                 run_dir = out / "runs" / f"{arm}-s{seed}"
                 if final_policy(run_dir) is None:
-                    steps = ["--max_steps", cfg.rl_steps] if cfg.rl_steps else []
+                    # every arm but the default run: the same budget, sampled at the paper's temperature
+                    budget = [] if arm == "default" else ["--temperature", "1.0"] + (["--max_steps", cfg.rl_steps] if cfg.rl_steps else [])
                     cmd = ["train_grpo.py", "--model", starts[start], "--cache_dir", cfg.cache_dir, "--seed", seed,
-                           "--out_dir", run_dir, "--resume", "true", *steps, *flags]
+                           "--out_dir", run_dir, "--resume", "true", *budget, *flags]
                     times.timed(f"rl {arm}-s{seed}", lambda: run(cmd, f"{LABELS[arm]}, seed {seed}"))
                     (run_dir / "DONE").write_text("finished\n")
                 evaluate(final_policy(run_dir), prompt, out / "eval" / f"{arm}-s{seed}", cfg, times, f"{arm}-s{seed}")
@@ -169,7 +166,7 @@ def _cell(values: list[float], tokens: bool = False) -> str:
 def report(out: Path, arms: list[str], seeds: list[int], seconds: dict) -> str:
     """table.md + results.json + figures/ from whatever evals and runs exist; returns the table."""
     rows, results = [], {}
-    names = [n for n in ("base", "sft-only", "cold-start") if (out / "eval" / n / "greedy" / "results.json").exists()]
+    names = [n for n in ("base", "sft-only") if (out / "eval" / n / "greedy" / "results.json").exists()]
     for name in names + arms:
         runs = [name] if name in names else [f"{name}-s{s}" for s in seeds]
         greedy = [r for r in (_load(out / "eval" / run / "greedy" / "results.json") for run in runs) if r]
