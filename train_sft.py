@@ -11,8 +11,9 @@
                      data = the tiny world's two-round oracle records (sft_reflect.jsonl, ~30/70 correct/flawed)
   base               model = the tiny world's random init, data = one-round chains of thought (sft_base.jsonl): the
                      stand-in for the pretrained Instruct model that real users start from
-tiny.ensure_policy builds and caches both tiny policies by running these two commands with the measured flags of
-tiny.RECIPE (into a temporary --out_dir); train_grpo.py starts from the cached reflection policy.
+tiny.ensure_policy builds and caches the tiny policies by running these commands with the measured flags of
+tiny.RECIPE (into a temporary --out_dir); the reflection policy train_grpo.py starts from is trained, by default, on
+curate.py's records (the base's own attempts, reflected on by the oracle) passed as --data, not on sft_reflect.jsonl.
 DDP on a CPU-only machine (gloo): `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 train_sft.py`
 or `torchrun --nproc_per_node 2 train_sft.py`; on GPUs, `accelerate launch --config_file accelerate_fsdp.yaml ...`.
 
