@@ -61,7 +61,7 @@ sys.path.insert(0, str(REPO))  # run from anywhere: the nanosrpo package and tra
 
 # nanosrpo --aggregation -> the TRL loss_type that computes the same loss over an update (see the docstring)
 LOSS_PAIRS = {"seq-mean-token-mean": "grpo", "token-mean": "dapo", "seq-mean-token-sum-norm": "dr_grpo"}
-SIDES = {"nanosrpo": "nanosrpo (transformers generate)", "trl": "TRL 1.16 GRPOTrainer", "vllm": "nanosrpo (vLLM engine)"}
+SIDES = {"nanosrpo": "nanosrpo (transformers engine)", "trl": "TRL 1.16 GRPOTrainer", "vllm": "nanosrpo (vLLM engine)"}
 
 
 def parse_args(argv=None):
