@@ -63,7 +63,7 @@ class MiniatureConfig:
     out_dir: str = field(default="out/miniature", metadata={"help": "runs, evals, table.md, figures/ go here"})
     cache_dir: str = field(default="out/tiny", metadata={"help": "the tiny world (shared with the default run)"})
     seeds: str = field(default="0,1,2", metadata={"help": "RL seeds, comma-separated"})
-    arms: str = field(default="grpo,srpo,srpo_no_eff,srpo_no_len,srpo_code",
+    arms: str = field(default=",".join(a for a in ARMS if a != "default"),  # the default run only when asked for
                       metadata={"help": f"RL arms, comma-separated, of: {', '.join(ARMS)}"})
     rl_steps: int = field(default=30, metadata={"help": "GRPO steps per RL run, the same for every arm (0: train_grpo.py's default)"})
     n_samples: int = field(default=4, metadata={"help": "sampled responses per eval problem (temperature 1.0)"})

@@ -121,7 +121,6 @@ class TransformersEngine:
     def __init__(self, model, processor, batch_size: int = 64):
         self.model, self.processor, self.batch_size = model, processor, batch_size
         tok = data.tokenizer_of(processor)
-        self.pad_id = tok.pad_token_id
         eos = model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.convert_tokens_to_ids("<|im_end|>")}
         self.suppress = banned_ids(tok)

@@ -45,7 +45,7 @@ def reference_generate(policy, processor, prompt, eng, max_new):
     """transformers' generate on one prompt (no padding), greedy, the engine's stop and suppressed ids."""
     batch = data.collate(processor, [{"input_ids": prompt["ids"], "loss_mask": [0] * len(prompt["ids"]), "images": prompt["images"]}])
     inputs = {k: v for k, v in batch.items() if k not in ("loss_mask", "labels")}
-    out = policy.generate(**inputs, max_new_tokens=max_new, do_sample=False, pad_token_id=eng.pad_id,
+    out = policy.generate(**inputs, max_new_tokens=max_new, do_sample=False, pad_token_id=data.tokenizer_of(processor).pad_token_id,
                           eos_token_id=sorted(eng.stop_ids), suppress_tokens=eng.suppress)
     ids = out[0, inputs["input_ids"].shape[1] :].tolist()
     for j, t in enumerate(ids):
