@@ -79,13 +79,14 @@ def main(argv=None):
 
     # ---- records -> token ids + assistant-only loss mask. Images are re-read per batch, not held in memory.
     records = data.load_sft_records(data_path, cfg.image_dir or None)
-    samples = []
-    for rec in tqdm(records, desc="tokenizing", disable=not is_main):
-        s = data.tokenize_chat(processor, rec["messages"])
-        # Too long: skipped rather than cut, since a cut could split an image's tokens or drop the closing <|im_end|>.
-        if len(s["input_ids"]) <= cfg.max_length:
-            images = data.message_images(rec["messages"])  # paths
-            samples.append({"input_ids": s["input_ids"], "loss_mask": s["loss_mask"], "images": images})
+    samples, chunk = [], 64  # tokenized a chunk at a time (data.tokenize_chats: the same ids, ~2x faster)
+    for start in tqdm(range(0, len(records), chunk), desc=f"tokenizing ({chunk} a chunk)", disable=not is_main):
+        part = records[start : start + chunk]
+        for rec, s in zip(part, data.tokenize_chats(processor, [r["messages"] for r in part])):
+            # Too long: skipped rather than cut, since a cut could split an image's tokens or drop the closing <|im_end|>.
+            if len(s["input_ids"]) <= cfg.max_length:
+                images = data.message_images(rec["messages"])  # paths
+                samples.append({"input_ids": s["input_ids"], "loss_mask": s["loss_mask"], "images": images})
     n_skipped = len(records) - len(samples)
     if n_skipped and is_main:
         print(f"skipped {n_skipped}/{len(records)} records longer than --max_length {cfg.max_length}")

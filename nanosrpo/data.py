@@ -228,6 +228,29 @@ def tokenize_chat(processor, messages: list[dict]) -> dict:
     return {"input_ids": ids, "loss_mask": assistant_mask(ids, tokenizer_of(processor)), "images": images}
 
 
+def tokenize_chats(processor, chats: list[list[dict]]) -> list[dict]:
+    """tokenize_chat of many chats at once, without the images ({"input_ids", "loss_mask"} each): the same ids.
+
+    Why: one processor call per chat spends most of its time on per-call overhead (~250 chats/s here); one call per
+    chunk lets the tokenizer's batch encoding and the image processor work on many at once (train_sft.py tokenizes its
+    whole dataset before the first step). Chats without images go through the tokenizer alone, as encode() does.
+    """
+    tok = tokenizer_of(processor)
+    texts = [processor.apply_chat_template(m, tokenize=False) for m in chats]
+    image_lists = [[load_image(p) for p in message_images(m)] for m in chats]
+    with_images = [i for i, ims in enumerate(image_lists) if ims]
+    ids: list[list[int] | None] = [None] * len(chats)
+    if with_images:
+        out = processor(text=[texts[i] for i in with_images], images=[im for i in with_images for im in image_lists[i]])
+        for i, row in zip(with_images, out["input_ids"]):
+            ids[i] = list(row)
+    plain = [i for i, ims in enumerate(image_lists) if not ims]
+    if plain:
+        for i, row in zip(plain, tok([texts[i] for i in plain], add_special_tokens=False)["input_ids"]):
+            ids[i] = list(row)
+    return [{"input_ids": x, "loss_mask": assistant_mask(x, tok)} for x in ids]
+
+
 def collate(processor, samples: list[dict], pad_side: str = "right", share_images: bool = False) -> dict:
     """Pad samples {"input_ids", "loss_mask", "images"} into model inputs.
 
