@@ -63,17 +63,20 @@ def test_assistant_mask_decodes_to_the_assistant_turn(tiny_dir, sft_file):
 
 
 def test_tokenize_chats_equals_one_at_a_time(tiny_dir, sft_file):
-    """train_sft.py tokenizes in chunks (data.tokenize_chats): the ids and masks must be tokenize_chat's, for chats
-    with images and without, mixed in one chunk, in order."""
+    """train_sft.py tokenizes in chunks (data.tokenize_chats): each chat's ids must be what encode() gives it alone
+    (the processor expanding its images), for chats with images and without, mixed in one chunk, in order."""
     _, processor = model.load_policy(str(tiny_dir))
+    tok = data.tokenizer_of(processor)
     chats = [r["messages"] for r in data.load_sft_records(sft_file)[:5]]
     plain = [{"role": "user", "content": "How many red cells?"}, {"role": "assistant", "content": "<answer>3</answer>"}]
     chats = [chats[0], plain, *chats[1:3], [plain[0], {"role": "assistant", "content": "two"}], *chats[3:]]
-    one = [data.tokenize_chat(processor, m) for m in chats]
+    alone = [data.encode(processor, processor.apply_chat_template(m, tokenize=False),
+                         [data.load_image(p) for p in data.message_images(m)]) for m in chats]
     many = data.tokenize_chats(processor, chats)
-    assert [s["input_ids"] for s in many] == [s["input_ids"] for s in one]
-    assert [s["loss_mask"] for s in many] == [s["loss_mask"] for s in one]
+    assert [s["input_ids"] for s in many] == alone
+    assert [s["loss_mask"] for s in many] == [data.assistant_mask(ids, tok) for ids in alone]
     assert len({len(s["input_ids"]) for s in many}) > 1 and sum(many[1]["loss_mask"]) > 0
+    assert tok.convert_tokens_to_ids("<|image_pad|>") in many[0]["input_ids"]
 
 
 def test_sharegpt_and_messages_layouts_give_identical_batches(tiny_dir, sft_file, tmp_path):
