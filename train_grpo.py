@@ -87,7 +87,10 @@ def main(argv=None):
     # loss takes old = lp.detach() (ratio 1: the plain policy gradient) and no extra forward is spent. Otherwise (several
     # updates per step, or TIS comparing trainer and engine) they come from one no-grad pass before the first update.
     on_policy = updates_per_step == 1 and cfg.tis_cap == 0
-    packed = cfg.attn_implementation == "flash_attention_2"  # padding-free micro-batches (data.packed_batch)
+    # Micro-batch layout: with sdpa, one copy of each group's prompt (data.shared_batch, nanosrpo.attention: the same
+    # log-probs for a fraction of the work); with flash-attn, padding-free rows (data.packed_batch); else padded.
+    layout = ("packed" if cfg.attn_implementation == "flash_attention_2"
+              else "shared" if cfg.share_prompts and model.shares_prompts(policy) else "padded")
 
     shown, eval0 = {}, None  # the bar keeps the last held-out greedy accuracy (and its gain) from one eval to the next
     if start_step == 0 and cfg.eval_every:  # where the policy starts
@@ -112,19 +115,21 @@ def main(argv=None):
         t1 = time.time()
         policy.train()  # generate() runs in eval mode; gradient checkpointing runs only in train mode
         with torch.no_grad(), accelerator.autocast():  # one pass over all samples each, before any update
-            every = (samples, cfg.micro_batch_size, processor, accelerator.device, None, packed)  # all samples, in order
+            every = (samples, cfg.micro_batch_size, processor, accelerator.device, None, layout)  # all samples, in order
             old_lp = None if on_policy else grpo.logprobs_by_sample(policy, data.micro_batches(*every), cfg.temperature)
             ref_lp = None if ref_policy is None else grpo.logprobs_by_sample(ref_policy, data.micro_batches(*every), cfg.temperature)
         order_gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
         loss_sum, stats_all, grad_norms = 0.0, [], []
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(len(samples), generator=order_gen).tolist()
+            # whole groups in random order (mini-batches count prompts, as verl's do): a micro-batch shares its prompts
+            order = [g * cfg.group_size + j for g in torch.randperm(len(samples) // cfg.group_size, generator=order_gen).tolist()
+                     for j in range(cfg.group_size)]
             for update in (order[u : u + per_update] for u in range(0, len(order), per_update)):
                 # the aggregation's denominator over the whole update, all processes: its tokens or its sequences
                 mine = sum(sum(samples[i]["loss_mask"]) for i in update) if cfg.aggregation == "token-mean" else len(update)
                 normalizer = accelerator.reduce(torch.tensor(float(mine), device=accelerator.device), "sum").item()
                 n_micro = math.ceil(len(update) / cfg.micro_batch_size)  # collated one at a time, as they are used
-                for j, (idx, mb) in enumerate(data.micro_batches(samples, cfg.micro_batch_size, processor, accelerator.device, update, packed)):
+                for j, (idx, mb) in enumerate(data.micro_batches(samples, cfg.micro_batch_size, processor, accelerator.device, update, layout)):
                     with optim.grad_sync(accelerator, policy, last=j == n_micro - 1), accelerator.autocast():
                         lp = grpo.sequence_logprobs(policy, mb, temperature=cfg.temperature)
                         old = lp.detach() if on_policy else grpo.stack_rows([old_lp[i] for i in idx], lp.shape[1]).to(lp.device)

@@ -140,6 +140,7 @@ class GRPOConfig(EngineConfig, TrainConfig):
     # --- the update (grpo.policy_loss)
     train_batch_size: int = field(default=64, metadata={"help": "sequences per optimizer update, all processes together"})
     micro_batch_size: int = field(default=16, metadata={"help": "sequences per forward/backward on one process"})
+    share_prompts: bool = field(default=True, metadata={"help": "with sdpa: compute each group's prompt once per micro-batch, not once per completion (nanosrpo.attention; same log-probs)"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each step's rollouts"})
     lr: float = _default(TrainConfig, "lr", 5e-5)
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})

@@ -326,15 +326,83 @@ def packed_batch(processor, samples: list[dict], share_images: bool = False) -> 
     return _add_images(batch, processor, samples, share_images)
 
 
-def micro_batches(samples: list[dict], size: int, processor, device, indices: list[int] | None = None, packed: bool = False):
+def shared_batch(processor, samples: list[dict]) -> dict:
+    """A micro-batch with one copy of each group's prompt: the layout of nanosrpo.attention's shared_prompt.
+
+    Samples are GRPO samples (rollout.collect) with "group" and "prompt_len"; consecutive samples of the same group
+    form one row [prompt, right-padded to P | slot 1 | ... | slot n], each slot one completion right-padded to L
+    (P, L: the longest prompt and completion of the micro-batch; n: the most completions in a row). Positions are the
+    ones each sample has alone: the prompt counts 0, 1, ...; every slot continues from its row's prompt length.
+    Returns the model inputs (input_ids [rows, T], position_ids [rows, T], attention_mask: the completions' 4-D mask,
+    images once per row), the layout shared_prompt=(P, n), the log-prob bookkeeping for grpo.sequence_logprobs
+    (logits_to_keep: the positions whose logits predict a completion token; src_row / src_col / targets: each
+    completion token's predicting position among them and its id; dst_b / dst_t: where its log-prob goes), and
+    loss_mask / sample_lens in the right-padded per-sample layout of collate, so the loss code does not change.
+    """
+    from nanosrpo.attention import shared_prompt_mask
+
+    rows: list[list[int]] = []  # sample numbers of each row
+    for b, s in enumerate(samples):
+        if rows and samples[rows[-1][0]]["group"] == s["group"]:
+            rows[-1].append(b)
+        else:
+            rows.append([b])
+    plen = [samples[r[0]]["prompt_len"] for r in rows]
+    clen = [len(s["input_ids"]) - s["prompt_len"] for s in samples]
+    P, L, n = max(plen), max(clen), max(len(r) for r in rows)
+    pad = tokenizer_of(processor).pad_token_id
+    ids = torch.full((len(rows), P + n * L), pad, dtype=torch.long)
+    pos = torch.zeros((len(rows), P + n * L), dtype=torch.long)
+    keep, src, dst, targets = {}, [], [], []
+    for g, (row, p) in enumerate(zip(rows, plen)):
+        ids[g, :p] = torch.tensor(samples[row[0]]["input_ids"][:p])
+        pos[g, :P] = torch.arange(P)
+        for j, b in enumerate(row):
+            start = P + j * L
+            completion = samples[b]["input_ids"][p:]
+            ids[g, start : start + len(completion)] = torch.tensor(completion)
+            pos[g, start : start + L] = torch.arange(p, p + L)
+            # completion token t is predicted at the prompt's last position (t = 0) or at its slot's position t - 1
+            for t, token in enumerate(completion):
+                col = keep.setdefault(p - 1 if t == 0 else start + t - 1, len(keep))
+                src.append((g, col))
+                dst.append((b, p + t))
+                targets.append(token)
+    lens = [len(s["input_ids"]) for s in samples]
+    loss_mask = torch.zeros((len(samples), max(lens)), dtype=torch.long)
+    for b, s in enumerate(samples):
+        loss_mask[b, : lens[b]] = torch.tensor(s["loss_mask"])
+    order = sorted(keep, key=keep.get)  # logits_to_keep, in the column order src refers to
+    batch = {
+        "input_ids": ids,
+        "position_ids": pos,
+        "attention_mask": shared_prompt_mask(torch.tensor(plen), P, n, L),
+        "shared_prompt": (P, n),
+        "prompt_lens": torch.tensor(plen),
+        "logits_to_keep": torch.tensor(order),
+        "src_row": torch.tensor([g for g, _ in src]),
+        "src_col": torch.tensor([c for _, c in src]),
+        "targets": torch.tensor(targets),
+        "dst_b": torch.tensor([b for b, _ in dst]),
+        "dst_t": torch.tensor([t for _, t in dst]),
+        "loss_mask": loss_mask,
+        "sample_lens": torch.tensor(lens),
+    }
+    return _add_images(batch, processor, [{"images": samples[r[0]].get("images", [])} for r in rows])
+
+
+def micro_batches(samples: list[dict], size: int, processor, device, indices: list[int] | None = None, layout: str = "padded"):
     """(indices, batch on `device`) for consecutive chunks of `size` of samples[indices] (default: all of them, in
-    order): right-padded (collate), or packed into one row without padding (packed_batch: flash-attention only).
-    The batches are for grpo.sequence_logprobs, so a group's shared prompt image is processed (and encoded) once."""
+    order), laid out as `layout`: "padded" (collate, right-padded), "packed" (packed_batch: one row without padding,
+    flash-attention only) or "shared" (shared_batch: one copy of each group's prompt; the samples of a group must be
+    consecutive in `indices`). The batches are for grpo.sequence_logprobs, so a group's shared prompt image is
+    processed (and encoded) once in every layout."""
     indices = list(range(len(samples))) if indices is None else indices
     for s in range(0, len(indices), size):
         idx = indices[s : s + size]
-        batch = (packed_batch if packed else collate)(processor, [samples[i] for i in idx], share_images=True)
-        yield idx, {k: v.to(device) for k, v in batch.items()}
+        chunk = [samples[i] for i in idx]
+        batch = shared_batch(processor, chunk) if layout == "shared" else (packed_batch if layout == "packed" else collate)(processor, chunk, share_images=True)
+        yield idx, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def prompt_index(position: int, n_records: int, seed: int) -> int:

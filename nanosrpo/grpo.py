@@ -157,6 +157,8 @@ def sequence_logprobs(model, batch: dict, chunk_size: int = 1024, temperature: f
     chunk. With gradients on, each chunk runs under activation checkpointing, so backward does not keep every chunk's
     float32 copy alive: it re-computes one chunk at a time. Numbers equal a plain full log_softmax + gather.
     """
+    if "shared_prompt" in batch:  # one copy of each group's prompt (data.shared_batch): its own path, below
+        return _shared_prompt_logprobs(model, batch, chunk_size, temperature)
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
     if "seq_lens" in batch:  # a packed row (data.packed_batch): its M-RoPE positions, then unpack the log-probs
         inputs["position_ids"] = packed_position_ids(model, batch)
@@ -182,6 +184,52 @@ def sequence_logprobs(model, batch: dict, chunk_size: int = 1024, temperature: f
     if "attention_mask" in inputs:
         out = out * inputs["attention_mask"].to(out.dtype)  # padding is not a token of the sample
     return out
+
+
+def _token_logprobs_at(logits, rows, cols, targets, temperature: float) -> torch.Tensor:
+    """_token_logprobs of the logits at (rows, cols): the gathered copy is one chunk's, never the whole batch's."""
+    return _token_logprobs(logits[rows, cols], targets, temperature)
+
+
+def _shared_prompt_logprobs(model, batch: dict, chunk_size: int, temperature: float) -> torch.Tensor:
+    """sequence_logprobs of a shared-prompt micro-batch (data.shared_batch), in the same right-padded per-sample
+    layout [B, T] as a collated batch: completion tokens carry their log-probs, prompt positions 0.
+
+    The forward runs each group's prompt once (nanosrpo.attention) and computes logits only where they predict a
+    completion token (logits_to_keep: the prompts' last positions and the slots); each completion token's log-prob is
+    then read at its predicting position, chunk by chunk (float32, checkpointed as in sequence_logprobs).
+    """
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+    inputs["position_ids"] = shared_position_ids(model, batch)
+    logits = model(**inputs, shared_prompt=batch["shared_prompt"], logits_to_keep=batch["logits_to_keep"],
+                   use_cache=False).logits  # [rows, kept positions, V]
+    use_ckpt = torch.is_grad_enabled() and logits.requires_grad
+    parts = []
+    for s in range(0, len(batch["targets"]), chunk_size):
+        args = (logits, batch["src_row"][s : s + chunk_size], batch["src_col"][s : s + chunk_size],
+                batch["targets"][s : s + chunk_size], temperature)
+        parts.append(checkpoint(_token_logprobs_at, *args, use_reentrant=False) if use_ckpt else _token_logprobs_at(*args))
+    out = logits.new_zeros(batch["loss_mask"].shape, dtype=torch.float32)
+    return out.index_put((batch["dst_b"], batch["dst_t"]), torch.cat(parts))
+
+
+def shared_position_ids(model, batch: dict) -> torch.Tensor:
+    """Position ids of a shared-prompt micro-batch: each token numbered as in its own sample. Text-only models take
+    data.shared_batch's [rows, T] as they are. Qwen2.5-VL takes [4, rows, T]: the text positions, then its 3-D
+    M-RoPE positions, which the model's own get_rope_index gives for the prompts; a completion token follows its
+    prompt on all three axes (text position + the prompt's rope delta), as in engine.decode."""
+    text = batch["position_ids"]
+    module = unwrap(model)
+    if not hasattr(module.config, "vision_config"):
+        return text
+    P = batch["shared_prompt"][0]
+    ids = batch["input_ids"][:, :P]
+    mm = batch.get("mm_token_type_ids", torch.zeros_like(batch["input_ids"]))[:, :P]
+    real = (torch.arange(P, device=ids.device)[None] < batch["prompt_lens"][:, None]).long()
+    rope, delta = module.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=batch.get("image_grid_thw"),
+                                              attention_mask=real)  # [3, rows, P], [rows, 1]
+    slots = (text[:, P:] + delta.to(text.device))[None].expand(3, -1, -1)
+    return torch.cat([text[None], torch.cat([rope.to(text.dtype), slots], dim=2)], dim=0)
 
 
 def packed_position_ids(model, batch: dict) -> torch.Tensor:
@@ -228,7 +276,8 @@ def logprobs_by_sample(model, batches, temperature: float = 1.0) -> list[torch.T
     rows = []
     for _, batch in batches:
         lp = sequence_logprobs(model, batch, temperature=temperature).float().cpu()
-        lengths = batch["seq_lens"] if "seq_lens" in batch else batch["attention_mask"].sum(1)
+        lengths = batch.get("seq_lens", batch.get("sample_lens"))  # packed, shared
+        lengths = batch["attention_mask"].sum(1) if lengths is None else lengths
         rows += [lp[i, : int(n)] for i, n in enumerate(lengths)]
     return rows
 

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+from nanosrpo import attention
+
+
 def use_cpu_cores(accelerator, n_threads: int = 0) -> int:
     """A single CPU process computes on `n_threads` threads (0: every physical core); returns the count in use.
 
@@ -105,15 +108,27 @@ def image_only_processor(image_processor, tokenizer, chat_template):
 
 
 def load_policy(name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
-    """(model, processor) for a local path or hub id. Qwen2.5-VL / Qwen2-VL or a text-only causal LM."""
+    """(model, processor) for a local path or hub id. Qwen2.5-VL / Qwen2-VL or a text-only causal LM.
+
+    With sdpa (the default) the language model's attention is nanosrpo.attention's: sdpa itself for ordinary batches,
+    plus the layouts that compute a GRPO group's prompt once (training) and keep one copy of its KV cache (decoding)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     path = resolve(name_or_path)
     config = AutoConfig.from_pretrained(path)
     cls = AutoModelForImageTextToText if "vision_config" in config.to_dict() else AutoModelForCausalLM
-    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = cls.from_pretrained(path, dtype=dtype, **kw)
+    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation or "sdpa")
+    if (attn_implementation or "sdpa") == "sdpa":
+        attention.enable(model)
     return model, load_processor(path)
+
+
+def shares_prompts(model) -> bool:
+    """Whether the model's attention takes nanosrpo.attention's shared-prompt layouts (loaded with sdpa)."""
+    from nanosrpo.grpo import unwrap
+
+    config = unwrap(model).config
+    return getattr(config.get_text_config(), "_attn_implementation", None) == attention.NAME
 
 
 def is_multimodal(model) -> bool:

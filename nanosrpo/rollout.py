@@ -7,7 +7,9 @@ The shapes that flow from here into the update, built here and nowhere else:
             "completions": group_size engine completions {"ids", "text", "logprobs"},
             "scores": per completion, the reward breakdown (rewards.KEYS) + rewards.outcome + {"tokens": length}}
   sample = {"input_ids": prompt ids + completion ids, "loss_mask": 0 on the prompt, 1 on the completion,
-            "images": the prompt's images, "engine_lp": the engine's log-prob of each token (0 on the prompt)}
+            "images": the prompt's images, "engine_lp": the engine's log-prob of each token (0 on the prompt),
+            "group": its group's number, "prompt_len": the prompt's length (data.shared_batch lays a group out
+            with one copy of its prompt)}
 Samples are ordered group by group, so sample i belongs to group i // group_size and has advantage advantages[i].
 """
 
@@ -50,9 +52,9 @@ def collect(engine, records: list[dict], cursor: int, cfg, reward, system: str, 
     advantages[len(kept) * cfg.group_size :] = 0.0  # filtered groups that only top up a short batch teach nothing
     samples = [
         {"input_ids": g["prompt"]["ids"] + c["ids"], "loss_mask": [0] * len(g["prompt"]["ids"]) + [1] * len(c["ids"]),
-         "images": g["prompt"]["images"],
+         "images": g["prompt"]["images"], "group": k, "prompt_len": len(g["prompt"]["ids"]),
          "engine_lp": torch.tensor([0.0] * len(g["prompt"]["ids"]) + (c["logprobs"] or [0.0] * len(c["ids"])))}
-        for g in groups for c in g["completions"]
+        for k, g in enumerate(groups) for c in g["completions"]
     ]
     return {"groups": groups, "samples": samples, "advantages": advantages, "cursor": cursor,
             "filtered": len(dropped), "short": max(0, quota - len(kept))}

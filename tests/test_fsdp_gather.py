@@ -142,3 +142,43 @@ def _train_worker(rank, world, port, path, result_dir):
 def test_clip_accumulate_and_reference_under_fully_shard(tiny_dir, tmp_path):
     _spawn(_train_worker, str(tiny_dir), tmp_path)
     assert (tmp_path / "ok-0").exists() and (tmp_path / "ok-1").exists()
+
+
+# ----------------------------------------------------------------------------------------------------- shared prompts
+def _shared_worker(rank, world, port, path, result_dir):
+    """The 7B preset's training forward on this CPU: FSDP2, gradient checkpointing, the shared-prompt layout. Each rank
+    trains on one group; the averaged sharded gradient must equal the unsharded padded batch's over both groups."""
+    _init(rank, world, port)
+    from nanosrpo import data, grpo, model
+    from tests.test_shared_prompt import _groups
+
+    policy, processor = model.load_policy(path)
+    model.freeze_vision(policy)
+    samples = _groups(processor, text_only=False)
+    n_tokens = sum(sum(s["loss_mask"]) for s in samples)
+
+    def loss(m, batch):  # both groups' tokens weigh the same: a token mean over the whole update
+        return -(grpo.sequence_logprobs(m, batch) * batch["loss_mask"]).sum() / n_tokens
+
+    unsharded, _ = model.load_policy(path)
+    model.freeze_vision(unsharded)
+    unsharded.train()
+    loss(unsharded, data.collate(processor, samples, share_images=True)).backward()
+    want = {n: p.grad for n, p in unsharded.named_parameters() if p.grad is not None}
+
+    policy.train()
+    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _shard(policy)
+    mine = [s for s in samples if s["group"] == rank]
+    (loss(policy, data.shared_batch(processor, mine)) * world).backward()  # FSDP averages over ranks: * world sums
+    got = {n: p.grad.full_tensor() for n, p in policy.named_parameters() if p.grad is not None}
+    assert set(got) == set(want) and any("layers.0." in n for n in got)
+    for n, g in want.items():
+        torch.testing.assert_close(got[n], g, atol=1e-5 * float(g.abs().max()) + 1e-7, rtol=1e-4, msg=n)
+    (result_dir / f"ok-{rank}").write_text("ok")
+    torch.distributed.destroy_process_group()
+
+
+def test_shared_prompt_gradients_under_fully_shard_with_checkpointing(tiny_dir, tmp_path):
+    _spawn(_shared_worker, str(tiny_dir), tmp_path)
+    assert (tmp_path / "ok-0").exists() and (tmp_path / "ok-1").exists()

@@ -164,7 +164,7 @@ def test_micro_batches_packed_give_the_same_rows(world):
     order = [2, 0, 1]
     rows = {}
     for packed in (False, True):
-        batches = list(data.micro_batches(samples, 2, processor, "cpu", order, packed=packed))
+        batches = list(data.micro_batches(samples, 2, processor, "cpu", order, layout="packed" if packed else "padded"))
         assert [idx for idx, _ in batches] == [[2, 0], [1]]
         rows[packed] = grpo.logprobs_by_sample(policy, batches)
     assert [len(r) for r in rows[True]] == [len(samples[i]["input_ids"]) for i in order]
