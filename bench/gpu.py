@@ -9,8 +9,10 @@ What one timed step is: the GRPO update's forward + backward of one micro-batch,
 The micro-batch has the preset's shape: micro_batch_size (4) sequences, each an image of the preset's max_pixels
 (501,760 px: 640 vision tokens) in a rendered SRPO prompt, then a completion of a length drawn uniformly from
 [--min_response, max_new_tokens = 2048] (seeded), so the sequences are uneven, as real rollouts are.
-Variants: attention sdpa and flash_attention_2 (when flash-attn imports) x layout padded (data.collate) and packed
-(data.packed_batch, one row, no padding) x gradient checkpointing on and off. A variant that runs out of memory is
+The micro-batch's sequences are completions of one prompt, as train_grpo.py's micro-batches are (it orders an update
+group by group). Variants: attention sdpa and flash_attention_2 (when flash-attn imports) x layout padded
+(data.collate), packed (data.packed_batch, one row, no padding) and, with sdpa, shared (data.shared_batch: the prompt
+once, nanosrpo.attention) x gradient checkpointing on and off. A variant that runs out of memory is
 reported as OOM. Weights are bf16 here (one GPU cannot hold the 7B model's fp32 master copy, its gradients and the
 activations; under FSDP mixed precision the forward and backward compute in bf16 all the same).
 
@@ -24,7 +26,10 @@ FLOPs (train_flops below; the MFU counts useful work only: a padded batch's pad 
                                causal mask). L layers, h = heads * head_dim.
   + 2 * N_vis * P              the frozen vision tower: forward only (no gradient is needed below it), P patches;
                                its windowed attention is left out.
-MFU = FLOPs / step time / the GPU's dense bf16 peak (PEAK_TFLOPS by device name, or --peak_tflops).
+  The shared layout computes less: the prompt (P tokens) once per micro-batch, each completion's l_i tokens
+  attending to P + l_i keys (shared_flops: 6 N (P + sum l_i) + 12 L h (P^2 + sum l_i (P + l_i)) + the tower once).
+MFU = FLOPs / step time / the GPU's dense bf16 peak (PEAK_TFLOPS by device name, or --peak_tflops). Across layouts
+compare "seq tok/s": the samples' tokens (each sample's prompt counted, as the update consumes them) per second.
 
 Engine sync: the time of the full-state-dict gather that gen.sync streams into vLLM (engine.trainer_weights,
 dtype bf16, frozen tensors skipped) on a model sharded like the FSDP run (model.shard_like_fsdp over one process,
@@ -85,6 +90,14 @@ def train_flops(n_params: int, n_layers: int, hidden: int, seq_lens: list[int], 
     return 6 * n_params * sum(seq_lens) + 12 * n_layers * hidden * sum(s * s for s in seq_lens) + 2 * n_vision_params * n_patches
 
 
+def shared_flops(n_params: int, n_layers: int, hidden: int, prompt_len: int, completion_lens: list[int],
+                 n_vision_params: int = 0, n_patches: int = 0) -> int:
+    """FLOPs of one training forward + backward of a shared-prompt micro-batch (the prompt once, completions behind it)."""
+    tokens = prompt_len + sum(completion_lens)
+    attention = prompt_len * prompt_len + sum(l * (prompt_len + l) for l in completion_lens)
+    return 6 * n_params * tokens + 12 * n_layers * hidden * attention + 2 * n_vision_params * n_patches
+
+
 def peak_tflops(device_name: str) -> float | None:
     for key, tflops in PEAK_TFLOPS:
         if key in device_name:
@@ -114,7 +127,8 @@ def make_samples(processor, n: int, max_pixels: int, min_response: int, max_resp
     for _ in range(n):
         length = int(torch.randint(min_response, max_response + 1, (1,), generator=g))
         completion = ordinary[torch.randint(len(ordinary), (length,), generator=g)].tolist()
-        samples.append({"input_ids": prompt + completion, "loss_mask": [0] * len(prompt) + [1] * length, "images": [image]})
+        samples.append({"input_ids": prompt + completion, "loss_mask": [0] * len(prompt) + [1] * length, "images": [image],
+                        "group": 0, "prompt_len": len(prompt)})  # all completions of one prompt (see main)
     return samples
 
 
@@ -228,25 +242,32 @@ def main(argv=None) -> None:
     print(f"micro-batch: {B} sequences (preset qwen2.5-vl-7b), lengths {lens}")
     print("FLOPs = 6*N*T + 12*L*h*sum(s_i^2) + 2*N_vis*patches (real tokens only; see the docstring)\n")
 
-    # Useful work per micro-batch, on average over the ones the steps cycle through (the same for every variant).
+    # Useful work per micro-batch, on average over the ones the steps cycle through (padded and packed alike; the
+    # shared layout does less for the same samples: the prompt and its image once).
     tokens = sum(sum(x) for x in lens) / len(groups)
     patches = sum(int(data.collate(processor, g)["image_grid_thw"].prod(1).sum()) for g in groups) / len(groups)
-    flops = sum(train_flops(n_lm, cfg.num_hidden_layers, cfg.num_attention_heads * head_dim, x) for x in lens) / len(groups)
-    flops += 2 * n_vis * patches
+    h = cfg.num_attention_heads * head_dim
+    flops = sum(train_flops(n_lm, cfg.num_hidden_layers, h, x) for x in lens) / len(groups) + 2 * n_vis * patches
+    P = samples[0]["prompt_len"]
+    flops_shared = sum(shared_flops(n_lm, cfg.num_hidden_layers, h, P, [n - P for n in x]) for x in lens) / len(groups)
+    flops_shared += 2 * n_vis * patches / B
 
     attns = ["sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
     if len(attns) == 1:
         print("flash-attn is not installed: flash_attention_2 rows skipped (pip install flash-attn --no-build-isolation)")
     rows = []
-    header = f"{'attention':<18} {'layout':<7} {'ckpt':<5} {'tokens':>7} {'computed':>8} {'s/step':>7} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}"
+    header = f"{'attention':<18} {'layout':<7} {'ckpt':<5} {'tokens':>7} {'computed':>8} {'s/step':>7} {'seq tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}"
     print(header)
     for attn in attns:
         policy.set_attn_implementation(attn)
-        for layout in ("padded", "packed"):
-            batches = []
-            for g in groups:
-                b = data.packed_batch(processor, g) if layout == "packed" else data.collate(processor, g)
-                batches.append({k: v.to(DEVICE) for k, v in b.items()})
+        if attn == "sdpa":
+            from nanosrpo import attention
+
+            attention.enable(policy)  # as model.load_policy does: sdpa for ordinary batches, plus the shared layout
+        for layout in ("padded", "packed") + (("shared",) if attn == "sdpa" else ()):
+            make = {"padded": data.collate, "packed": data.packed_batch, "shared": data.shared_batch}[layout]
+            batches = [{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in make(processor, g).items()} for g in groups]
+            useful = flops_shared if layout == "shared" else flops
             for ckpt in (True, False):
                 if ckpt:
                     policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -261,11 +282,11 @@ def main(argv=None) -> None:
                     torch.cuda.empty_cache()
                     row["oom"] = True
                 computed = sum(b["input_ids"].numel() for b in batches) / len(batches)  # pad tokens included
-                row.update(tokens=tokens, computed_tokens=computed, flops=flops)
+                row.update(tokens=tokens, computed_tokens=computed, flops=useful)
                 if "oom" in row:
                     print(f"{attn:<18} {layout:<7} {'on' if ckpt else 'off':<5} {tokens:>7.0f} {computed:>8.0f}   OOM")
                 else:
-                    tflops = flops / row["step_s"] / 1e12
+                    tflops = useful / row["step_s"] / 1e12
                     row.update(tokens_per_s=tokens / row["step_s"], tflops=tflops, mfu=tflops / peak if peak else None)
                     mfu = f"{100 * row['mfu']:.1f}%" if peak else "?"
                     print(f"{attn:<18} {layout:<7} {'on' if ckpt else 'off':<5} {tokens:>7.0f} {computed:>8.0f} "

@@ -29,6 +29,13 @@ def test_train_flops_by_hand():
     assert gpu.train_flops(1000, 2, 8, [8]) - gpu.train_flops(1000, 2, 8, [3, 5]) == 12 * 2 * 8 * (64 - 34)
 
 
+def test_shared_flops_by_hand():
+    # prompt 3, completions 2 and 4: 6 * 1000 * 9 = 54,000; 12 * 2 * 8 * (9 + 2*5 + 4*7) = 9,024; the tower 2,000
+    assert gpu.shared_flops(1000, 2, 8, 3, [2, 4], n_vision_params=100, n_patches=10) == 65_024
+    # the same samples padded (5 and 7 tokens): the prompt twice, and attention over the full squares
+    assert gpu.train_flops(1000, 2, 8, [5, 7]) == 86_208
+
+
 def test_peak_by_device_name():
     assert gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert gpu.peak_tflops("NVIDIA H100 PCIe") == 756.0
