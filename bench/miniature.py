@@ -8,8 +8,8 @@ Each stage is the project's own script with its own defaults, run as a child pro
   base      the tiny base policy (stands in for the pretrained Instruct model)          tiny.ensure_policy("base")
   sft-only  base -> curate.py (its own attempts, oracle reflections, 30/70) -> train_sft.py
             (tiny.ensure_policy(reflect_data="curated"), cached in the tiny world like the base)
-  RL arms, one run per seed, the same RL budget (--rl_steps, 30 by default) at the paper's sampling temperature 1.0,
-  otherwise train_grpo.py's defaults:
+  RL arms, one run per seed, the same RL budget (--rl_steps, 30 by default; --rl_lr, 5e-5) at the paper's sampling
+  temperature 1.0, otherwise train_grpo.py's defaults:
     grpo          base     -> train_grpo.py --reward_variant grpo (one-round prompt)
     srpo          sft-only -> train_grpo.py (the paper's reward)
     srpo_no_eff   sft-only -> train_grpo.py --use_effectiveness false
@@ -66,6 +66,7 @@ class MiniatureConfig:
     arms: str = field(default=",".join(a for a in ARMS if a != "default"),  # the default run only when asked for
                       metadata={"help": f"RL arms, comma-separated, of: {', '.join(ARMS)}"})
     rl_steps: int = field(default=30, metadata={"help": "GRPO steps per RL run, the same for every arm (0: train_grpo.py's default)"})
+    rl_lr: float = field(default=5e-5, metadata={"help": "GRPO learning rate of every RL arm (the arms were compared at 5e-5, the T 1.0 setting; the default run's 2e-5 is tuned for T 0.7)"})
     n_samples: int = field(default=4, metadata={"help": "sampled responses per eval problem (temperature 1.0)"})
     report_only: bool = field(default=False, metadata={"help": "only (re)write table.md and the figures"})
 
@@ -132,7 +133,7 @@ def main(argv=None):
                 run_dir = out / "runs" / f"{arm}-s{seed}"
                 if final_policy(run_dir) is None:
                     # every arm but the default run: the same budget, sampled at the paper's temperature
-                    budget = [] if arm == "default" else ["--temperature", "1.0"] + (["--max_steps", cfg.rl_steps] if cfg.rl_steps else [])
+                    budget = [] if arm == "default" else ["--temperature", "1.0", "--lr", cfg.rl_lr] + (["--max_steps", cfg.rl_steps] if cfg.rl_steps else [])
                     cmd = ["train_grpo.py", "--model", starts[start], "--cache_dir", cfg.cache_dir, "--seed", seed,
                            "--out_dir", run_dir, "--resume", "true", *budget, *flags]
                     times.timed(f"rl {arm}-s{seed}", lambda: run(cmd, f"{LABELS[arm]}, seed {seed}"))

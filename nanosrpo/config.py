@@ -142,7 +142,7 @@ class GRPOConfig(EngineConfig, TrainConfig):
     micro_batch_size: int = field(default=16, metadata={"help": "sequences per forward/backward on one process"})
     share_prompts: bool = field(default=True, metadata={"help": "with sdpa: compute each group's prompt once per micro-batch, not once per completion (nanosrpo.attention; same log-probs)"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each step's rollouts"})
-    lr: float = _default(TrainConfig, "lr", 5e-5)
+    lr: float = _default(TrainConfig, "lr", 2e-5)  # the tiny default run (README, "the default run"); the preset sets 1e-6
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     warmup_ratio: float = _default(TrainConfig, "warmup_ratio", 0.03)
