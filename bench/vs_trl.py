@@ -30,7 +30,9 @@ entropy (it logs it); nanosrpo computes each group's prompt once, in decoding an
 where they predict a completion token (nanosrpo/attention.py, data.shared_batch, grpo.sequence_logprobs).
 The random-init twin writes no answer tags, so its rewards (and advantages, and the loss's gradient) are 0 on both
 sides: the arithmetic of the step is all done, but the reward path stops early and the weights do not move; pass a
-trained checkpoint with --model for rewards and curves that mean something.
+trained checkpoint with --model for rewards and curves that mean something, with room for its answers, e.g. the text
+twin's reflection cold start (tiny.ensure_policy(cache_dir, "1m", text_only=True, stage="reflect",
+reflect_data="synthetic")) with --max_new_tokens 192 (README, Performance).
 nanosrpo runs through its own script, train_grpo.main, with flags; its times are the step's own metrics.jsonl
 (time_rollout_s: prompts -> completions -> rewards -> advantages; time_train_s: the update; time_sync_s: engine sync,
 0 for transformers). TRL runs GRPOTrainer.train(); its rollout is the time spent in _generate_and_score_completions
@@ -243,7 +245,7 @@ def main(argv=None):
     shared = [f"--{k}={v}" for k, v in vars(a).items() if k not in ("side", "result", "vllm", "seed")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
-    print(f"{a.size} text twin ({world['init']}), {a.prompts} prompts x {a.group_size} completions, max {a.max_new_tokens} "
+    print(f"{a.size} text twin ({a.model or world['init']}), {a.prompts} prompts x {a.group_size} completions, max {a.max_new_tokens} "
           f"new tokens, micro-batch {a.micro_batch_size}, aggregation {a.aggregation} = TRL loss_type "
           f"{LOSS_PAIRS[a.aggregation]}, lr {a.lr}, fp32, {a.threads} threads; {a.rounds} rounds x ({a.warmup} warm-up + "
           f"{a.steps} measured) steps per side", flush=True)
