@@ -101,7 +101,7 @@ def run_nanosrpo(a, world: dict, run_dir: Path, engine: str) -> list[dict]:
 
     n = a.prompts * a.group_size
     train_grpo.main([
-        "--model", a.model or world["init"], "--data", world["train"], "--eval_data", "", "--out_dir", str(run_dir),
+        "--model", a.model, "--data", world["train"], "--eval_data", "", "--out_dir", str(run_dir),
         "--seed", str(a.seed), "--cpu_threads", str(a.threads), "--max_steps", str(a.warmup + a.steps),
         "--engine", engine, "--gen_batch_size", str(n), "--max_new_tokens", str(a.max_new_tokens),
         "--temperature", "1.0", "--top_p", "1.0", "--group_size", str(a.group_size), "--rollout_batch_size", str(a.prompts),
@@ -133,7 +133,7 @@ def run_trl(a, world: dict, run_dir: Path) -> tuple[list[dict], bool]:
     from nanosrpo import data, engine, model, prompts, rewards
 
     torch.set_num_threads(a.threads)
-    policy, tok = model.load_policy(a.model or world["init"])  # fp32, the same loader as nanosrpo's
+    policy, tok = model.load_policy(a.model)  # fp32, the same loader as nanosrpo's
     tok = data.tokenizer_of(tok)
     system = prompts.system_prompt(reflection=True)  # what train_grpo uses for the (default) paper reward
     records = data.load_rl_records(world["train"])
@@ -238,14 +238,17 @@ def main(argv=None):
     a.threads = a.threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
     from nanosrpo import tiny
 
+    # the sides run with the repo root as their working directory: hand them absolute paths
+    a.cache_dir, a.out_dir = str(Path(a.cache_dir).resolve()), str(Path(a.out_dir).resolve())
     world = tiny.ensure_world(a.cache_dir, a.size, text_only=True)  # built once here, before any timing
+    a.model = str(Path(a.model).resolve()) if a.model and Path(a.model).exists() else (a.model or world["init"])
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sides = ["nanosrpo", "trl"] + (["vllm"] if a.vllm else [])
     shared = [f"--{k}={v}" for k, v in vars(a).items() if k not in ("side", "result", "vllm", "seed")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
-    print(f"{a.size} text twin ({a.model or world['init']}), {a.prompts} prompts x {a.group_size} completions, max {a.max_new_tokens} "
+    print(f"{a.size} text twin ({a.model}), {a.prompts} prompts x {a.group_size} completions, max {a.max_new_tokens} "
           f"new tokens, micro-batch {a.micro_batch_size}, aggregation {a.aggregation} = TRL loss_type "
           f"{LOSS_PAIRS[a.aggregation]}, lr {a.lr}, fp32, {a.threads} threads; {a.rounds} rounds x ({a.warmup} warm-up + "
           f"{a.steps} measured) steps per side", flush=True)
