@@ -1,6 +1,6 @@
 """The paper's experiment in miniature: base vs GRPO vs SFT-only vs SRPO (+ the Table 4 ablations), on the tiny world.
 
-    python bench/miniature.py                          # everything (about 25 min on a 2-core CPU); resumes if rerun
+    python bench/miniature.py                          # everything (about 30 min on a 2-core CPU); resumes if rerun
     python bench/miniature.py --seeds 0 --arms srpo    # a subset
     python bench/miniature.py --report_only true       # redraw the table and figures from what is there
 
