@@ -4,7 +4,8 @@ One implementation for both users: train_grpo.py's periodic eval (greedy_eval) a
 summarize). A response is read like this:
   final answer  the last <answer>...</answer> block; first answer: the first one (the answer *before* reflection);
                 with no <answer> block both are the last \\boxed{...} in the response; else there is none (wrong).
-                A \\boxed{...} or $...$ inside an answer block is unwrapped.
+                Each is rewards.extract_answer of its block (its last \\boxed{...}, else the block; $...$, **...**,
+                \\text{...} peeled off), the same extraction the training reward judges.
   verdict       benchmarks.is_right(benchmark, record, answer): the benchmark's official rule on that answer.
   format        rewards.parse_response: well-formed one- or two-round responses (the training reward's strict parse).
   transitions   over well-formed two-round responses only: wrong->right, right->wrong, right->right, wrong->wrong,
@@ -16,7 +17,6 @@ Records are sharded across processes (rank r takes records r, r + world, ...) an
 
 import io
 import math
-import re
 import time
 
 from nanosrpo import benchmarks, data, rewards
@@ -24,41 +24,16 @@ from nanosrpo import benchmarks, data, rewards
 # -----------------------------------------------------------------------------------------------------------------
 # extraction
 
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-
-
-def last_boxed(text: str) -> str | None:
-    """The contents of the last \\boxed{...} in text (nested braces balanced), or None."""
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    for start in reversed(starts):  # the last one that is closed
-        depth = 1
-        for i in range(start, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                return text[start:i].strip()
-    return None
-
-
-def _answer_of_block(block: str) -> str:
-    """An answer block's own answer: the last \\boxed{} inside it, else the block; '$...$' peeled off."""
-    s = block.strip()
-    boxed = last_boxed(s)
-    if boxed is not None:
-        s = boxed
-    while len(s) >= 2 and s.startswith("$") and s.endswith("$"):  # $x$ and $$x$$
-        s = s[1:-1].strip()
-    return s
-
-
 def extract_answers(text) -> tuple[str | None, str | None]:
-    """(first answer, final answer) of a response (module docstring); None where there is none."""
+    """(first answer, final answer) of a response (module docstring); None where there is none. Each is
+    rewards.extract_answer of its block, the extraction the training reward judges too."""
     if not isinstance(text, str):
         return None, None
     # rewards.lenient_blocks: <answer>(.*?)</answer> in linear time (an unclosed block is not an answer)
-    blocks = [_answer_of_block(b) for b in rewards.lenient_blocks(text, "answer")]
+    blocks = [rewards.extract_answer(b) for b in rewards.lenient_blocks(text, "answer")]
     if blocks:
         return blocks[0] or None, blocks[-1] or None
-    boxed = last_boxed(text)
+    boxed = rewards.extract_answer(text) if rewards.last_boxed(text) is not None else None
     return (boxed, boxed) if boxed else (None, None)
 
 

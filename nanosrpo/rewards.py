@@ -98,16 +98,156 @@ def lenient_blocks(text: str, name: str) -> list[str]:
 
 
 # -----------------------------------------------------------------------------
-# answer checking
+# answer extraction: the one path the reward and evaluation share
 
 # Real answers are short. Anything longer is degenerate or a hedge, and math-verify on
 # it can take seconds (it times out after 5 s on the main thread, never off it), so we
 # call such an answer wrong without parsing it.
 MAX_ANSWER_CHARS = 1000
 
-# A multiple-choice letter: "(B)" or "B" followed by end, ".", ":" or ")" ("B: 40", "B.").
-# "B or C" deliberately does not match: a hedge is not a letter.
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# Wrappers peeled off a whole answer, outermost first: "$\boxed{B}$", "**B**", "\text{B}".
+_WRAPPERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**"), ("\\boxed{", "}"),
+             ("\\fbox{", "}"), ("\\text{", "}"), ("\\textbf{", "}"), ("\\mathrm{", "}"), ("\\mathbf{", "}"))
+
+
+def _matching_braces(text: str) -> dict[int, int]:
+    """{index of a '{': index of its '}'} for text's balanced braces, in one pass (linear on any input)."""
+    stack, pairs = [], {}
+    for i, ch in enumerate(text):
+        if ch == "{":
+            stack.append(i)
+        elif ch == "}" and stack:
+            pairs[stack.pop()] = i
+    return pairs
+
+
+def last_boxed(text: str) -> str | None:
+    """The contents of the last closed \\boxed{...} (or \\fbox{...}) in text, nested braces balanced; else None."""
+    opens = [m.end() - 1 for m in _BOXED.finditer(text)]
+    pairs = _matching_braces(text) if opens else {}
+    for i in reversed(opens):
+        if i in pairs:
+            return text[i + 1 : pairs[i]].strip()
+    return None
+
+
+def _peel(s: str) -> str | None:
+    """s without one wrapper that spans all of it ("$a$ and $b$" is not one), or None."""
+    for head, tail in _WRAPPERS:
+        if len(s) < len(head) + len(tail) or not (s.startswith(head) and s.endswith(tail)):
+            continue
+        inner = s[len(head) : len(s) - len(tail)]
+        whole = (_matching_braces(s).get(len(head) - 1) == len(s) - 1 if tail == "}"
+                 else head not in inner and tail not in inner)
+        if whole:
+            return inner.strip()
+    return None
+
+
+def extract_answer(block: str) -> str:
+    """An answer block's answer: the last \\boxed{} in it, else the block, peeled of whole-answer wrappers
+    ($...$, \\(...\\), **...**, \\text{...}; up to 8 layers, each peel is a scan). "" when there is none.
+    Extracting an extracted answer again changes nothing."""
+    s = block.strip()
+    boxed = last_boxed(s)
+    s = boxed if boxed is not None else s
+    for _ in range(8):
+        inner = _peel(s)
+        if inner is None:
+            break
+        s = inner
+    return s
+
+
+# The sentence around an answer, read as plain text: "\text{cm}" -> "cm", "30^\circ" -> "30°", "\$3" -> "$3",
+# no "$" delimiters, no markdown bold.
+_PLAIN = ((re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}"), r"\1"),
+          (re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ\b|\\degree\b"), "°"),
+          (re.compile(r"(?<!\\)\$|\*\*"), ""),
+          (re.compile(r"\\([$%])"), r"\1"),
+          (re.compile(r"\\[,;:! ]|~"), " "))
+# A lead-in naming the answer: "Answer:", "The correct option is", "So the final answer is".
+_LEAD_IN = re.compile(r"^(?:(?:so|thus|therefore|hence)\b,?\s*)?(?:the\s+)?(?:final\s+|correct\s+|right\s+)?"
+                      r"(?:answer|option|choice)\b\s*(?:is\b)?\s*[:=]?\s*", re.I)
+
+
+def _plain(s: str) -> str:
+    for pattern, repl in _PLAIN:
+        s = pattern.sub(repl, s)
+    return " ".join(s.split())
+
+
+def _core(s: str) -> str:
+    """The plain answer without its lead-in and final full stop: "Answer: **12 cm**." -> "12 cm"."""
+    s = _LEAD_IN.sub("", _plain(s), count=1).strip()
+    return s[:-1].rstrip() if s.endswith(".") else s
+
+
+def _norm_text(s: str) -> str:
+    """Loose string form for comparing an answer with a choice's text."""
+    return " ".join(_core(extract_answer(s)).casefold().split())
+
+
+# A number with an optional unit, after an optional lead-in without digits, LaTeX or a negation: "12 cm", "45°",
+# "$3.50", "3,000", "x = 21", "The perimeter is 12 cm". A letter glued to the number must be a unit ("5cm", not "5x").
+_UNITS = r"(?:mm|cm|km|m|kg|g|mg|ms|s|min|h|ml|mL|L|in|ft|yd|mi|lb|oz|deg|px)"
+_SQUARED = r"(?:\^\{?[23]\}?|[²³])?"
+_NUMBER_ANSWER = re.compile(
+    r"(?:(?![^\d]*\b(?:not|less|more|greater|fewer|than|least|most)\b)"  # no "not 12", "at most 12"
+    r"[^\d\\^_{}]*?[\s=:≈])?\s*"  # the lead-in: "The perimeter is", "x ="
+    r"(?P<sign>[-−]?)\s*(?:\$|£|€)?\s*"
+    r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
+    r"(?:\s*(?:°[CF]?|%)|" + _UNITS + _SQUARED + r"(?![A-Za-z])|\s+[A-Za-z][A-Za-z./ ]*" + _SQUARED + ")?")
+
+
+def _number_text(core: str) -> str | None:
+    """The number a short numeric answer states ("12 cm" -> "12", "-3,000" -> "-3000"), or None."""
+    m = _NUMBER_ANSWER.fullmatch(core)
+    return ("-" if m.group("sign") else "") + m.group("num").replace(",", "") if m else None
+
+
+AMBIGUOUS = "?"  # an answer naming several choice letters or options: a hedge, wrong whatever the gold
+# A choice letter named by a whole answer: "B", "(B)", "B.", "B: 40", "(b) 40".
 _LETTER = re.compile(r"\(([A-Za-z])\)|([A-Za-z])(?:[.:)]|$)")
+# ... or inside a sentence (capital letters only: "a" and "I" are words): "(B)", "option B", "the choice is B",
+# "Answer: B", "the answer is B.", "... is B".
+_LETTER_IN_SENTENCE = re.compile(
+    r"\(([A-Z])\)"
+    r"|\b(?i:option|choice)\s*\(?([A-Za-z])\)?(?!\w)"
+    r"|\b(?i:option|choice)\s+is\s*:?\s*\(?([A-Z])\)?(?!\w)"
+    r"|\b(?i:answer)\s*(?:is\b)?\s*[:=]?\s*\(?([A-Z])\)?(?=\s*[.,;:!)]|\s*$)"
+    r"|\b(?:is|be)\s+\(?([A-Z])\)?(?=\s*[.!]?\s*$)")
+_HEDGE = re.compile(r"(?<![\w\\])\(?[A-Z]\)?\s*(?:,|/|\bor\b|\band\b)\s*\(?[A-Z]\)?(?!\w)")  # "B or C", "A, B"
+_PROSE = re.compile(r"[\\^_{}=]")  # an answer with LaTeX or an equation in it is not prose
+
+
+def _named_letter(s: str) -> str | None:
+    """The choice letter an extracted answer names, uppercased; AMBIGUOUS for a hedge; None for none."""
+    plain = _plain(s)
+    letters = {x.upper() for m in _LETTER_IN_SENTENCE.finditer(plain) for x in m.groups() if x}
+    m = _LETTER.match(_core(s))
+    if m:
+        letters.add((m.group(1) or m.group(2)).upper())
+    if len(letters) > 1 or (letters and _HEDGE.search(plain)):
+        return AMBIGUOUS
+    return letters.pop() if letters else None
+
+
+def _named_option(s: str, options: tuple) -> str | None:
+    """The letter of the option whose text an extracted answer gives ("isosceles", "The triangle is isosceles."),
+    AMBIGUOUS when a sentence names several, None for none. options: ((letter, normalized text), ...)."""
+    n = _norm_text(s)
+    exact = [c for c, text in options if n and text == n]
+    if exact or _PROSE.search(s):
+        return exact[0] if exact else None
+    # inside a prose sentence, as whole words; one-character texts ("a") only if they are digits
+    named = [(c, t) for c, t in options if t and (len(t) > 1 or t.isdigit())
+             and re.search(r"(?<![\w.\-−])" + re.escape(t) + r"(?!\w|\.\d)", n)]
+    named = {c for c, t in named if not any(t != u and t in u for _, u in named)}  # "isosceles right" over "right"
+    return named.pop() if len(named) == 1 else AMBIGUOUS if named else None
+
+
 _GOLD_LETTER = re.compile(r"\(?([A-Za-z])\)?[.:)]?")  # a gold must be *only* the letter
 _MATHY = re.compile(r"[\d\\^_=+\-*/]")
 
@@ -117,30 +257,6 @@ def _timeout() -> int | None:
     # raises ValueError elsewhere; off the main thread we run without one (answers are
     # length-capped above, so the parse stays cheap).
     return 5 if threading.current_thread() is threading.main_thread() else None
-
-
-def _strip_wrappers(s: str) -> str:
-    """Peel `$...$`, `\\boxed{...}`, `\\text{...}` and `**...**` wrappers off a short answer."""
-    s = s.strip()
-    for _ in range(4):  # a few layers at most, e.g. $\boxed{B}$
-        for head, tail in (("$", "$"), ("\\boxed{", "}"), ("\\text{", "}"), ("**", "**")):
-            if len(s) > len(head) + len(tail) - 1 and s.startswith(head) and s.endswith(tail):
-                s = s[len(head):-len(tail)].strip()
-                break
-        else:
-            break
-    return s
-
-
-def _letter_of(s: str) -> str | None:
-    """The choice letter named by an (unwrapped) answer, uppercased, or None."""
-    m = _LETTER.match(s)
-    return (m.group(1) or m.group(2)).upper() if m else None
-
-
-def _norm_text(s: str) -> str:
-    """Loose string form for comparing an answer with a choice's text."""
-    return " ".join(_strip_wrappers(s).casefold().split()).rstrip(".")
 
 
 def _parse_math(s: str, no_fallback: bool = False) -> list:
@@ -156,9 +272,14 @@ def _parse_math(s: str, no_fallback: bool = False) -> list:
         return []
 
 
+def _parse_value(s: str, no_fallback: bool = False) -> list:
+    """math-verify parse of an answer's value: the number of a number with a unit, else the expression."""
+    return _parse_math(_number_text(_core(s)) or s, no_fallback)
+
+
 class _Gold(NamedTuple):
     letter: str | None  # the correct choice letter, if this is a multiple-choice item
-    text: str | None  # the correct choice's text (normalized), if choices were given
+    options: tuple | None  # ((letter, normalized text), ...) of the choices, if choices were given
     math: list | None  # math-verify parse of the gold value, if it has one
 
 
@@ -179,7 +300,8 @@ def _choices_key(choices) -> tuple | None:
 @lru_cache(maxsize=65536)
 def _parse_gold(gold: str, choices: tuple | None) -> _Gold:
     """Parse a gold answer once; every rollout of the same prompt reuses the result."""
-    m = _GOLD_LETTER.fullmatch(_strip_wrappers(gold))
+    options = tuple((c, _norm_text(text)) for c, text in choices) if choices is not None else None
+    m = _GOLD_LETTER.fullmatch(extract_answer(gold))
     # without choices only an uppercase letter is a choice letter: a lone "x" or "e" is math
     if m and (choices is not None or m.group(1).isupper()):
         letter = m.group(1).upper()
@@ -190,16 +312,16 @@ def _parse_gold(gold: str, choices: tuple | None) -> _Gold:
             raise ValueError(f"gold answer {gold!r} is not one of the choices {[c for c, _ in choices]}")
         text = texts[letter]
         # only math-like choice texts compare by value: "Paris" would parse as P*a*r*i*s
-        math_ = _parse_math(text, no_fallback=True) if _MATHY.search(text) else []
-        return _Gold(letter, _norm_text(text), math_ or None)
-    math_ = _parse_math(gold, no_fallback=True) if len(gold) <= MAX_ANSWER_CHARS else []
+        math_ = _parse_value(text, no_fallback=True) if _MATHY.search(text) else []
+        return _Gold(letter, options, math_ or None)
+    math_ = _parse_value(gold, no_fallback=True) if len(gold) <= MAX_ANSWER_CHARS else []
     if choices is not None:  # gold given as a choice's text: remember its letter too
-        for c, text in choices:
-            if _norm_text(text) == _norm_text(gold):
-                return _Gold(c, _norm_text(gold), math_ if math_ and _MATHY.search(gold) else None)
+        for c, text in options:
+            if text == _norm_text(gold):
+                return _Gold(c, options, math_ if math_ and _MATHY.search(gold) else None)
     if not math_:
         raise ValueError(f"cannot parse gold answer {gold!r}")
-    return _Gold(None, None, math_)
+    return _Gold(None, options, math_)
 
 
 def validate_gold(gold, choices=None) -> None:
@@ -208,29 +330,33 @@ def validate_gold(gold, choices=None) -> None:
 
 
 def is_correct(answer_text: str | None, gold, choices=None) -> bool:
-    """Does the model's answer match the gold? Raises ValueError only for a bad *gold*;
-    a model answer that cannot be parsed is simply wrong."""
+    """Does the model's answer (an answer block, or an answer extract_answer took from one) match the gold?
+    A choice letter, however the answer names it, is compared as a letter, never as a substring; else an option's
+    text names its letter; else the value (a number with a unit by its number, LaTeX by math-verify). Raises
+    ValueError only for a bad *gold*; a model answer that cannot be parsed is simply wrong."""
     g = _parse_gold(str(gold), _choices_key(choices))
-    if not isinstance(answer_text, str) or len(answer_text) > MAX_ANSWER_CHARS:
+    if not isinstance(answer_text, str):
         return False
-    s = _strip_wrappers(answer_text)
-    if not s:
+    s = extract_answer(answer_text)
+    if not s or len(s) > MAX_ANSWER_CHARS:
         return False
     if g.letter is not None:
-        letter = _letter_of(s)
-        if letter is not None:  # compare letters as letters, never as substrings
-            return letter == g.letter
-    if g.text is not None and _norm_text(s) == g.text:
-        return True
+        named = _named_letter(s)
+        if named is None and g.options is not None:
+            named = _named_option(s, g.options)
+        if named is not None:
+            return named == g.letter
     if g.math is None:
         return False
-    pred = _parse_math(answer_text)
-    if not pred:
-        return False
-    try:
-        return bool(verify(g.math, pred, timeout_seconds=_timeout()))
-    except (Exception, TimeoutException):
-        return False
+    number = _number_text(_core(s))
+    for candidate in [number] if number else dict.fromkeys([s, _core(s)]):  # "$x$ in a sentence", then bare LaTeX
+        pred = _parse_math(candidate)
+        try:
+            if pred and verify(g.math, pred, timeout_seconds=_timeout()):
+                return True
+        except (Exception, TimeoutException):
+            pass
+    return False
 
 
 # -----------------------------------------------------------------------------
