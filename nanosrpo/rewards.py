@@ -23,7 +23,7 @@ import threading
 from functools import lru_cache
 from typing import NamedTuple
 
-from math_verify import parse, verify
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, StringExtractionConfig, parse, verify
 from math_verify.errors import TimeoutException  # a BaseException, not an Exception
 
 # -----------------------------------------------------------------------------
@@ -49,8 +49,10 @@ class Parsed(NamedTuple):
 MALFORMED = Parsed(0)
 
 
-def parse_response(text: str) -> Parsed:
-    """Split a response into its blocks; rounds=0 (all None) unless it is exactly well-formed."""
+def parse_response(text: str, released: bool = False) -> Parsed:
+    """Split a response into its blocks; rounds=0 (all None) unless it is exactly well-formed.
+    released=True reads the format as the released code's regex did (the "code" variant): any text may come before
+    the first tag, and a block holding only whitespace is not empty (its `(.+?)` matches a space)."""
     if not isinstance(text, str):
         return MALFORMED
     names, contents = [], []
@@ -59,18 +61,18 @@ def parse_response(text: str) -> Parsed:
         closing, name = m.group(1) == "/", m.group(2)
         if open_tag is None:
             # outside any block: only whitespace may precede, and only an opening tag is allowed
-            if closing or text[pos:m.start()].strip():
+            if closing or (text[pos:m.start()].strip() and not (released and pos == 0)):
                 return MALFORMED
             open_tag = m
         else:
             # inside a block: the next tag must close it (anything else is nesting)
             if not closing or name != open_tag.group(2):
                 return MALFORMED
-            content = text[open_tag.end():m.start()].strip()
-            if not content:
+            content = text[open_tag.end():m.start()]
+            if not (content if released else content.strip()):
                 return MALFORMED
             names.append(name)
-            contents.append(content)
+            contents.append(content.strip())
             pos, open_tag = m.end(), None
     if open_tag is not None or text[pos:].strip():
         return MALFORMED  # unclosed block, or trailing text
@@ -416,7 +418,7 @@ def srpo_reward(response: str, answer, count_tokens=count_words, variant: str = 
     if not isinstance(response, str):
         return _scores()
     if variant == "code":
-        return _code_reward(response, answer, count_tokens, alpha, choices)
+        return _code_reward(response, answer, count_tokens, alpha)
 
     p = parse_response(response)
     if variant == "grpo":  # one round only; a two-round response is off-format for GRPO
@@ -436,23 +438,67 @@ def srpo_reward(response: str, answer, count_tokens=count_words, variant: str = 
     return _scores(R_FORMAT, R_ACCURACY * c1, I_REF, eff, length)
 
 
-def _code_reward(response, answer, count_tokens, alpha, choices) -> dict[str, float]:
-    """The released OpenRLHF reward, kept for ablations. Differences from the paper:
-    - a one-round response (fewer than two think/answer blocks) silently scores 0,
-    - correctness and effectiveness are merged into `accuracy` (CODE_ACC), no I_ref,
-    - text before the first <think> does not break the format.
-    Judgement call: a response with >=2 think and >=2 answer blocks that is not a
-    well-formed two-round response still gets accuracy and length (format 0), because the
-    released code computed those from regex matches regardless of the overall shape."""
+# The released reward ("code" variant): the OpenRLHF reward function of the SRPO release
+# (SUSTechBruce/SRPO_MLLMs, spro_rl_train/openrlhf_srpo/srpo_runs/scripts/srpo_reward_func.py), re-implemented
+# judgement for judgement. It does not use is_correct; each quirk below is pinned by a test in tests/test_rewards.py.
+_RELEASED_ABCD = ("a", "b", "c", "d")
+
+
+def _released_correct(block: str, gold_parsed: list) -> bool:
+    """Quirk: the whole `<answer>...</answer>` string, tags included, goes to math-verify with String, LaTeX and
+    Expr extraction, so a bare `<answer>21</answer>` parses to nothing (the tags touch the number) and is wrong,
+    while `<answer> 21 </answer>` is right. verify() gets the answer first and the gold second, as released.
+    Ours: an answer over MAX_ANSWER_CHARS is wrong unparsed, as in is_correct (math-verify on it takes seconds)."""
+    if len(block) > MAX_ANSWER_CHARS:
+        return False
+    try:
+        pred = parse(f"<answer>{block}</answer>", parsing_timeout=_timeout(), extraction_config=[
+            StringExtractionConfig(), LatexExtractionConfig(), ExprExtractionConfig()])
+        return bool(verify(pred, gold_parsed, timeout_seconds=_timeout()))
+    except (Exception, TimeoutException):  # released: an exception leaves the accuracy at 0
+        return False
+
+
+@lru_cache(maxsize=65536)
+def _released_gold(gold: str) -> tuple:
+    """The gold as the released code parsed it: wrapped as `$gold$`, math-verify's default extraction."""
+    try:
+        return tuple(parse(f"${gold}$", parsing_timeout=_timeout()))
+    except (Exception, TimeoutException):
+        return ()
+
+
+def _released_letter_fallback(block: str, gold_parsed: list) -> bool:
+    """Quirk: when the accuracy came out 0, the last answer block is right if the gold is one of a-d and, lowercased,
+    the block contains that letter anywhere and none of the other three anywhere: "B" and "(B) 40" pass, "Answer: B"
+    fails (the "a" of "answer"), so does "Choice B" (the "c")."""
+    text = f"<answer>{block}</answer>".replace("</answer>", "").replace("<answer>", "").strip().lower()
+    return any(str(g).lower() in _RELEASED_ABCD and str(g).lower() in text
+               and not any(o in text for o in _RELEASED_ABCD if o != str(g).lower()) for g in gold_parsed)
+
+
+def _code_reward(response, answer, count_tokens, alpha) -> dict[str, float]:
+    """The released reward, quirks included (the README's reward section lists them):
+    - fewer than two `<think>...</think>` or two `<answer>...</answer>` matches: every term 0 (the released length
+      function crashed on them and the whole reward fell back to 0), so a one-round response scores nothing;
+    - accuracy merges correctness and effectiveness (CODE_ACC) on the first and the last answer block, judged by
+      _released_correct, then _released_letter_fallback when it is 0; no I_ref, no I_eff;
+    - the gold is wrapped as `$gold$` and parsed with math-verify's defaults; a gold that parses to nothing gives
+      accuracy 1.0; the choices are not used (the released function saw only the label);
+    - format: parse_response(released=True) is a well-formed two-round response;
+    - length: f_len on the whole stripped response, n1 from the first think and answer matches (_length)."""
     thinks, answers = lenient_blocks(response, "think"), lenient_blocks(response, "answer")
     if len(thinks) < 2 or len(answers) < 2:
         return _scores()
-    start = response.find("<think>")
-    fmt = R_FORMAT if parse_response(response[start:]).rounds == 2 else 0.0
-    c1 = is_correct(answers[0].strip(), answer, choices)
-    c2 = is_correct(answers[-1].strip(), answer, choices)
+    fmt = R_FORMAT if parse_response(response, released=True).rounds == 2 else 0.0
     length = alpha * _length(response, thinks[0], answers[0], count_tokens)
-    return _scores(fmt, CODE_ACC[(c1, c2)], 0.0, 0.0, length)
+    gold_parsed = list(_released_gold(str(answer)))
+    if not gold_parsed:  # quirk: a gold that parses to nothing pays full accuracy
+        return _scores(fmt, 1.0, 0.0, 0.0, length)
+    acc = CODE_ACC[(_released_correct(answers[0], gold_parsed), _released_correct(answers[-1], gold_parsed))]
+    if acc == 0.0 and _released_letter_fallback(answers[-1], gold_parsed):
+        acc = 1.0
+    return _scores(fmt, acc, 0.0, 0.0, length)
 
 
 def outcome(response: str, answer, choices=None) -> dict[str, float]:

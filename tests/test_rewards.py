@@ -224,23 +224,42 @@ PAPER = {
     "text outside": ("Sure. " + RR, scores()),
 }
 
+# The released reward ("code") judges answers its own way (rewards._released_correct): the SRPO prompt's \boxed{}
+# answers are read, a bare <answer>21</answer> is not. Hand-computed with word counts: n1 = 3 + 1 = 4, so
+# T_target = 8 and T_max = 10; L = 9 gives f_len = e^-1/4, L = 10 or 6 gives e^-1.
+BX = "\\boxed{{{}}}".format
+CRR, CWR, CWW, CRW = two(BX(21), BX(21)), two(BX(5), BX(21)), two(BX(5), BX(6)), two(BX(21), BX(6))
+Q = math.exp(-0.25)
+
 CODE = {
-    "one-round correct (silent zero)": (one("21"), scores()),
-    "one-round wrong": (one("5"), scores()),
-    "right->right": (RR, scores(1.35, 0.5, 0.75, length=0.1)),
-    "wrong->right": (WR, scores(1.6, 0.5, 1.0, length=0.1)),
-    "wrong->wrong": (WW, scores(0.6, 0.5, 0.0, length=0.1)),
-    "right->wrong": (RW, scores(0.85, 0.5, 0.25, length=0.1)),
-    # text before the first <think> is allowed (one more word: L = 9, f_len = e^-1/4)
-    "prefix text": ("Sure. " + WR, scores(1.5 + 0.1 * math.exp(-0.25), 0.5, 1.0, length=0.1 * math.exp(-0.25))),
-    # >= 2 think and answer blocks but not well-formed: no format, accuracy and length still computed
-    "no reflection": ("<think>a b c</think> <answer>5</answer> <think>y</think> <answer>21</answer>",
-                      scores(1.0 + 0.1 * E1, 0.0, 1.0, length=0.1 * E1)),
-    # A1 = first answer block, A2 = last answer block
-    "three answers": ("<think>a b c</think> <answer>21</answer> <think>y</think> <answer>5</answer> <answer>21</answer>",
-                      scores(0.75 + 0.1 * math.exp(-0.25), 0.0, 0.75, length=0.1 * math.exp(-0.25))),
-    "one think": ("<think>a b c</think> <answer>21</answer> <answer>21</answer>", scores()),
+    # fewer than two think or answer blocks: every term 0 (the released length function crashed)
+    "one-round correct (silent zero)": (one(BX(21)), scores()),
+    "one-round wrong": (one(BX(5)), scores()),
+    "one think": (f"<think>a b c</think> <answer>{BX(21)}</answer> <answer>{BX(21)}</answer>", scores()),
     "empty": ("", scores()),
+    # correctness and effectiveness merged into one accuracy number (CODE_ACC)
+    "right->right": (CRR, scores(1.35, 0.5, 0.75, length=0.1)),
+    "wrong->right": (CWR, scores(1.6, 0.5, 1.0, length=0.1)),
+    "wrong->wrong": (CWW, scores(0.6, 0.5, 0.0, length=0.1)),
+    "right->wrong": (CRW, scores(0.85, 0.5, 0.25, length=0.1)),
+    # the answer string with its tags goes to math-verify: a bare 21 touching the tags parses to nothing (wrong),
+    # a spaced one parses; so bare right->right is wrong->wrong, and 5 -> " 21 " is wrong->right (L = 10)
+    "bare answers are wrong": (RR, scores(0.6, 0.5, 0.0, length=0.1)),
+    "spaced answer is read": (two("5", " 21 "), scores(1.5 + 0.1 * E1, 0.5, 1.0, length=0.1 * E1)),
+    # format: text before the first <think> is allowed (L = 9), text after the last </answer> is not (L = 9)
+    "prefix text": ("Sure. " + CWR, scores(1.5 + 0.1 * Q, 0.5, 1.0, length=0.1 * Q)),
+    "suffix text": (CWR + " Done", scores(1.0 + 0.1 * Q, 0.0, 1.0, length=0.1 * Q)),
+    # format: blocks holding only whitespace are non-empty for the released regex; n1 = 0 + 1, so T_target = 2,
+    # T_max = 2.5 and L = 7 gives f_len = e^-100
+    "blank blocks": (f"<think> </think> <answer>{BX(21)}</answer> <reflection> </reflection> <think>y</think> "
+                     f"<answer>{BX(21)}</answer>", scores(1.25 + 0.1 * math.exp(-100), 0.5, 0.75,
+                                                          length=0.1 * math.exp(-100))),
+    # >= 2 think and answer blocks but not well-formed: no format, accuracy and length still computed (L = 6)
+    "no reflection": (f"<think>a b c</think> <answer>{BX(5)}</answer> <think>y</think> <answer>{BX(21)}</answer>",
+                      scores(1.0 + 0.1 * E1, 0.0, 1.0, length=0.1 * E1)),
+    # A1 = the first answer block, A2 = the last one (L = 7)
+    "three answers": (f"<think>a b c</think> <answer>{BX(21)}</answer> <think>y</think> <answer>{BX(5)}</answer> "
+                      f"<answer>{BX(21)}</answer>", scores(0.75 + 0.1 * Q, 0.0, 0.75, length=0.1 * Q)),
 }
 
 GRPO = {
@@ -355,3 +374,47 @@ def test_outcome(response, expected):
 
     o = outcome(response, "21")
     assert (o["rounds"], o["first_correct"], o["final_correct"]) == expected
+
+
+# -----------------------------------------------------------------------------
+# the released reward's quirks ("code" variant), each against a hand-computed total
+
+@pytest.mark.parametrize("response, gold, want", [
+    # accuracy 0, then the letter fallback on the last answer block: the gold letter in it, no other of a-d in it.
+    # Bare letters parse to nothing, so even right->right pays the fallback's 1.0 (more than a judged 0.75)
+    (two("A", "B"), "B", scores(1.6, 0.5, 1.0, length=0.1)),
+    (two("B", "B"), "B", scores(1.6, 0.5, 1.0, length=0.1)),
+    (two("A", "(b)"), "B", scores(1.6, 0.5, 1.0, length=0.1)),
+    # "answer" has an "a": the fallback fails on a right answer (L = 9)
+    (two("A", "Answer: B"), "B", scores(0.5 + 0.1 * Q, 0.5, 0.0, length=0.1 * Q)),
+    (two("A", "C"), "B", scores(0.6, 0.5, 0.0, length=0.1)),  # the wrong letter
+    # a letter outside a-d has no fallback
+    (two("A", "E"), "E", scores(0.6, 0.5, 0.0, length=0.1)),
+    # the fallback runs only when the accuracy is 0: right->wrong keeps its 0.25 although the last block says "B"
+    (two(BX("B"), "B"), "B", scores(0.85, 0.5, 0.25, length=0.1)),
+    # a gold that parses to nothing ("$$", "$ $") pays accuracy 1.0 whatever the answers
+    (CWW, "", scores(1.6, 0.5, 1.0, length=0.1)),
+    (two("x", "y"), " ", scores(1.6, 0.5, 1.0, length=0.1)),
+])
+def test_code_reward_quirks(response, gold, want):
+    assert_scores(srpo_reward(response, gold, words, variant="code"), want)
+
+
+def test_code_reward_ignores_choices():
+    # the released function saw only the label: "40" is not "B" there (and "\boxed{40}" has the b and d of "boxed")
+    assert_scores(srpo_reward(two(BX("A"), BX("40")), "B", words, variant="code", choices=CHOICES),
+                  scores(0.6, 0.5, 0.0, length=0.1))
+    assert srpo_reward(two(BX("A"), BX("40")), "B", words, choices=CHOICES)["effectiveness"] == 0.5  # paper: right
+
+
+def test_code_length_counts_the_stripped_response():
+    # counting space-separated pieces, padding would add pieces: 3 + 3 more would give L = 14, f_len = e^-9
+    pieces = lambda s: len(s.split(" "))  # noqa: E731
+    assert_scores(srpo_reward("   " + CRR + "   ", GOLD, pieces, variant="code"), scores(1.35, 0.5, 0.75, length=0.1))
+
+
+@pytest.mark.parametrize("response", [CRR, "Sure. " + CRR, CRR.replace("a b c", " ")])
+def test_code_format_is_more_lenient_than_the_paper(response):
+    # the same response the paper calls malformed (text before, a blank block) is well formed for the released regex
+    assert srpo_reward(response, GOLD, words, variant="code")["format"] == 0.5
+    assert (srpo_reward(response, GOLD, words)["format"] == 0.5) is (response == CRR)
