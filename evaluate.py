@@ -112,7 +112,8 @@ def markdown(name: str, res: dict) -> str:
             lines += ["", f"## WeMath four-dimensional metrics ({label})", "", "| metric | value |", "|---|---:|"]
             lines += [f"| {k} | {v if k == 'groups' else pct(v)} |" for k, v in res[key].items()]
     for field, values in res.get("by_category", {}).items():
-        lines += ["", f"## by {field} (official)", "", "| value | n | accuracy | first accuracy |", "|---|---:|---:|---:|"]
+        lines += ["", f"## by {field} (official)", "", "| value | n | accuracy | first accuracy |",
+                  "|---|---:|---:|---:|"]
         lines += [f"| {v} | {s['n']} | {pct(s['accuracy'])} | {pct(s['first_accuracy'])} |" for v, s in values.items()]
     return "\n".join(lines) + "\n"
 
@@ -199,8 +200,8 @@ def main(argv=None):
         for name, path in zip(names, datas):
             if path == config.TINY and name != "jsonl":
                 raise DataError(f"--data tiny is the tiny world's eval split: it needs --benchmark jsonl, not {name}")
-            records = benchmarks.load(name, world["eval"] if path == config.TINY else path, cfg.split, cfg.image_dir or None,
-                                      images=not preds)  # re-scoring needs no images
+            records = benchmarks.load(name, world["eval"] if path == config.TINY else path, cfg.split,
+                                      cfg.image_dir or None, images=not preds)  # re-scoring needs no images
             sets.append((name, records[: cfg.limit] if cfg.limit else records))
     except DataError as e:
         raise SystemExit(f"error: {e}")
@@ -255,8 +256,8 @@ def main(argv=None):
     return results
 
 
-SUMMARY_KEYS = ("n", "accuracy", "strict_accuracy", "first_accuracy", "format_rate", "wrong_to_right", "right_to_wrong", "right_to_right",
-                "wrong_to_wrong", "mean_response_tokens")
+SUMMARY_KEYS = ("n", "accuracy", "strict_accuracy", "first_accuracy", "format_rate", "wrong_to_right", "right_to_wrong",
+                "right_to_right", "wrong_to_wrong", "mean_response_tokens")
 
 
 def write_summary(out_root: Path, results: dict) -> None:

@@ -2,6 +2,7 @@
 
     records = benchmarks.load("mathvista", "MathVista/data/testmini.json")   # or a folder, or a .parquet file
     ok = benchmarks.is_right("mathvista", records[0], "B")                    # an extracted answer, judged
+    ok, guessed = benchmarks.judge("mathvista", records[0], "banana")         # official verdict, reached by a guess?
 
 Every loader returns records in one layout, a superset of the RL records of data.load_rl_records:
     {"id": the benchmark's own id (str), "question": text the policy reads (choices included, as the benchmark
@@ -10,9 +11,11 @@ Every loader returns records in one layout, a superset of the RL records of data
 Two published layouts per benchmark: the GitHub release files (JSON / JSONL beside an images/ folder) and the
 Hugging Face parquet files (images embedded as bytes). Both give the same records (a test checks it).
 
-Scoring follows each benchmark's official script on the *extracted* answer (evaluation.extract_answers does the
-extraction: last / first <answer> block, else the last \\boxed{}); where we differ, the function says why (README,
-"Evaluation"). No GPT extractor or judge is ever called.
+Scoring is each benchmark's official rule-based scoring, as its own script computes it, on the *extracted* answer
+(evaluation.extract_answers: last / first <answer> block, else the last \\boxed{}); each function names the script
+it reproduces and says where it cannot. judge() also says when the official rule guessed (MathVista's most-similar
+choice, MMMU-Pro's random letter): evaluate.py's strict figure gives those no credit. No GPT extractor or judge is
+ever called.
 """
 
 import ast
@@ -299,7 +302,8 @@ def judge(benchmark: str, rec: dict, answer: str | None) -> tuple[bool, bool]:
     answer = answer or ""
     if benchmark == "mathvista":
         m = rec["meta"]
-        pred, guessed = mathvista_normalize(answer, rec["choices"], m["question_type"], m["answer_type"], m["precision"])
+        pred, guessed = mathvista_normalize(answer, rec["choices"], m["question_type"], m["answer_type"],
+                                            m["precision"])
         return pred is not None and pred == rec["answer"], guessed  # official safe_equal: exact equality
     if benchmark in ("mmmu_pro", "mmmu_pro_vision"):
         letter, guessed = mmmu_pro_parse(answer, rec["choices"], rec["id"])
@@ -453,8 +457,11 @@ def mathvision_clean(response: str) -> str:
     return s.rstrip(".").lstrip(":").strip()
 
 
-_MATHVISION_DROP = ("\\text", "\\mbox", "\\left", "\\right", "^{\\circ}", "^\\circ", "{m}^3", "m^3", "{units}", "units",
-                    "{km}", "km")
+# find_math_answer's clean-ups, in its order
+_MATHVISION_CLEAN = ((" ", ""), ("\\,", ""), ("∞", "\\infty"), ("+\\infty", "\\infty"), ("\\\\", "\\"), ("\n", ""),
+                     ("\\text", ""), ("\\mbox", ""), ("bmatrix", "pmatrix"), ("\\left", ""), ("\\right", ""),
+                     ("^{\\circ}", ""), ("^\\circ", ""), ("{m}^3", ""), ("m^3", ""), ("{units}", ""), ("units", ""),
+                     ("{km}", ""), ("km", ""))
 
 
 def _mathvision_find_answer(s: str) -> str:
@@ -466,10 +473,8 @@ def _mathvision_find_answer(s: str) -> str:
     if "}" in ans and ("{" not in ans or ans.find("}") < ans.find("{")):
         ans = ans.split("}")[0]
     ans = ans.split("=")[-1].split("\\approx")[-1]
-    ans = ans.replace(" ", "").replace("\\,", "").replace("∞", "\\infty").replace("+\\infty", "\\infty")
-    ans = ans.replace("\\\\", "\\").replace("\n", "").replace("bmatrix", "pmatrix")
-    for drop in _MATHVISION_DROP:
-        ans = ans.replace(drop, "")
+    for old, new in _MATHVISION_CLEAN:
+        ans = ans.replace(old, new)
     return _mathvision_strip(ans)
 
 
@@ -538,7 +543,8 @@ def _fix_a_slash_b(s: str) -> str:
 def mathvision_is_right(answer: str, gold: str, options) -> bool:
     """MATH-Vision's verdict: is_equal(gold letter or value, cleaned answer) or is_equal(gold option's text, ...)."""
     model = mathvision_clean(answer)
-    gold_text = options[ord(gold) - ord("A")] if options and len(gold) == 1 and 0 <= ord(gold) - ord("A") < len(options) else ""
+    k = ord(gold) - ord("A") if len(gold) == 1 else -1
+    gold_text = options[k] if options and 0 <= k < len(options) else ""  # the official script indexes options so
     return mathvision_is_equal(gold, model) or mathvision_is_equal(gold_text, model)
 
 
@@ -576,12 +582,14 @@ def latex_value(s: str):
     """MATH-Vision's eval(str(latex2sympy(s))), without the latex2sympy2 package (its antlr4 pin conflicts with
     math-verify's): latex2sympy2_extended parses, and the printed expression is evaluated with Python's numbers and
     the math module's names only, as the official eval in a `from math import *` namespace does (so E, I, oo, x, ...
-    do not evaluate). A comma (the official parser reads '1,000' as a list) does not evaluate either."""
+    do not evaluate). A comma (the official parser reads '1,000' as a list) does not evaluate either, and a number
+    before \\frac multiplies it, as latex2sympy2 reads it ('2\\frac{1}{2}' is 1; the extended parser says 5/2)."""
     from latex2sympy2_extended import NormalizationConfig, latex2sympy
     from latex2sympy2_extended.latex2sympy2 import ConversionConfig
 
     if "," in s:
         raise ValueError("a list has no value")
+    s = re.sub(r"(\d)\s*\\frac", r"\1\\cdot\\frac", s)
     expr = latex2sympy(s, normalization_config=NormalizationConfig(False, False, False, False, "none", False),
                        conversion_config=ConversionConfig(False, False, False, False))
     return _eval_printed(ast.parse(str(expr), mode="eval").body)

@@ -272,7 +272,8 @@ def test_mmmu_pro_standard_and_vision_parquet(tmp_path, tiny_dir):
     std = benchmarks.load("mmmu_pro", root)  # the repo root: the standard (10 options) folder
     assert [len(r["images"]) for r in std] == [1, 2] and std[1]["choices"][-1] == "9"
     assert std[0]["question"] == "Which colour? <image 1>\nChoices:\nA. red\nB. green\nC. blue"
-    res, _ = rescore(tmp_path, "mmmu_pro", root, {"test_Art_1": ONE.format("(B) green"), "test_Math_2": ONE.format("\\boxed{I}")})
+    res, _ = rescore(tmp_path, "mmmu_pro", root, {"test_Art_1": ONE.format("(B) green"),
+                                                  "test_Math_2": ONE.format("\\boxed{I}")})
     assert res["accuracy"] == 0.5 and res["by_category"]["subject"]["Art"]["accuracy"] == 1.0
     assert res["strict_accuracy"] == 0.5 and res["guessed_rate"] == 0
     vis = benchmarks.load("mmmu_pro_vision", root)

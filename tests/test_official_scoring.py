@@ -97,7 +97,7 @@ def test_mmmu_pro_random_pick_is_seeded_and_flagged():
     assert benchmarks.judge("mmmu_pro", rec, None) == (True, True)  # the official figure credits the lucky pick
 
 
-# ----------------------------------------------------------------------------------------------------- WeMath, MathVerse
+# ----------------------------------------------------------------------------------------- WeMath, MathVerse
 @pytest.mark.parametrize("answer, letter", [
     ("B", "B"), ("B. 2", "B"), ("Answer: C", "C"), ("<Answer>: D.", "D"), ("the answer is B", None),  # 't' is no option
     ("(B)", None), ("b", None), ("H", "H"), ("I", None), ("", None),
@@ -129,6 +129,26 @@ def test_mathvision_clean_by_hand(response, cleaned):
     assert benchmarks.mathvision_clean(response) == cleaned
 
 
+# Published responses and the model_answer the official script stored for them (MATH-V outputs/: GPT4-CoT (Text
+# Only).jsonl ids 10, 15, 18, 19, 22, 33; Qwen-VL-Plus.jsonl ids 84, 83, 134).
+PUBLISHED = [
+    ("Which totals to $\\boxed{5}$ people.", "5"),
+    ("So the answer is (A).\n\nTherefore, our final answer is \\boxed{(A)}.", "a"),
+    ("... a total of 15/3 = \\boxed{5} pieces. \n\nHowever, ... we will need to make \\boxed{4} cuts.", "4"),
+    ("So, Eve has 24 mandarins. \n\nTherefore, the answer is \\boxed{\\text{(D)}}.", "d"),
+    ("So, the current time is \\boxed{\\text{(E) 9:30}}.", "{e9:30}"),
+    ("So, the solution is $\\boxed{\\text{parrot}}$.", "{parrot}"),
+    ("$35 \\mathrm{~km}$", "35\\mathrm{~}"),
+    ("... = (6)(10) = 60 cm.\n\nTherefore, the answer is (E).", "e"),
+    ("Image1 D", "image1d"),
+]
+
+
+@pytest.mark.parametrize("response, model_answer", PUBLISHED)
+def test_mathvision_clean_matches_published_model_answers(response, model_answer):
+    assert benchmarks.mathvision_clean(response) == model_answer
+
+
 @pytest.mark.parametrize("gold, answer, right", [
     ("0.5", "\\frac{1}{2}", True),
     ("3.14", "3.1416", True),                # values compared rounded to 2 decimals
@@ -139,6 +159,7 @@ def test_mathvision_clean_by_hand(response, cleaned):
     ("12", "12cm", False),                   # c*m has no value
     ("2.72", "e", False),                    # sympy prints E, which the official eval does not know
     ("2", "10^{10^{10}}", False),            # a huge power is refused, not computed
+    ("1", "2\\frac{1}{2}", True),             # latex2sympy2 multiplies: 2 * 1/2 (not the mixed number 5/2)
 ])
 def test_mathvision_is_equal_by_hand(gold, answer, right):
     assert benchmarks.mathvision_is_equal(gold, benchmarks.mathvision_clean(answer)) is right
@@ -156,3 +177,16 @@ def test_jsonl_keeps_judging_by_value():
     assert benchmarks.judge("jsonl", rec, "\\frac{1}{2}") == (True, False)
     assert benchmarks.judge("jsonl", rec, None) == (False, False)
     assert evaluation.score_response("jsonl", rec, "<answer>1/2</answer>")["final_correct"]
+
+
+def test_predictions_need_no_images(tmp_path):
+    """--predictions reads the annotations only: no images/ folder beside testmini.json (a model run needs it)."""
+    from nanosrpo.data import DataError
+    from tests.test_evaluate import MATHVISTA, MATHVISTA_RESPONSES, rescore
+
+    (tmp_path / "testmini.json").write_text(json.dumps(MATHVISTA))
+    with pytest.raises(DataError, match="image file not found"):
+        benchmarks.load("mathvista", tmp_path)
+    assert benchmarks.load("mathvista", tmp_path, images=False)[0]["images"] == ["images/1.png"]
+    res, _ = rescore(tmp_path, "mathvista", tmp_path / "testmini.json", MATHVISTA_RESPONSES)
+    assert (res["n"], res["accuracy"]) == (4, 0.5)
