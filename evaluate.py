@@ -80,7 +80,8 @@ def add_strict(benchmark: str, records: list[dict], rows: list[dict], res: dict)
     by_id = {r["id"]: r for r in records}
     for row in rows:
         for which in ("first", "final"):
-            row[f"{which}_guessed"] = benchmarks.judge(benchmark, by_id[row["id"]], row[f"{which}_answer"])[1]
+            guessed = benchmarks.judge(benchmark, by_id[row["id"]], row[f"{which}_answer"])[1]
+            row[f"{which}_guessed"] = guessed and not row.get("missing")  # a missing prediction is simply wrong
     n = len(rows)
     strict = {
         "strict_accuracy": sum(r["final_correct"] and not r["final_guessed"] for r in rows) / n if n else None,
