@@ -190,3 +190,18 @@ def test_predictions_need_no_images(tmp_path):
     assert benchmarks.load("mathvista", tmp_path, images=False)[0]["images"] == ["images/1.png"]
     res, _ = rescore(tmp_path, "mathvista", tmp_path / "testmini.json", MATHVISTA_RESPONSES)
     assert (res["n"], res["accuracy"]) == (4, 0.5)
+
+
+def test_strict_figures_drop_only_guessed_credit():
+    """add_strict: a lucky random MMMU-Pro letter counts in accuracy (official), not in strict_accuracy."""
+    opts = [str(i) for i in range(10)]
+    lucky = benchmarks.mmmu_pro_parse("", opts, "test_7")[0]
+    recs = [{"id": "test_7", "answer": lucky, "choices": opts, "categories": {}, "meta": {}},
+            {"id": "test_8", "answer": "B", "choices": opts, "categories": {}, "meta": {}}]
+    rows = [evaluation.score_response("mmmu_pro", recs[0], "I cannot tell."),  # no answer at all: a random pick
+            evaluation.score_response("mmmu_pro", recs[1], "<answer>B</answer>")]
+    res = evaluate.add_strict("mmmu_pro", recs, rows, evaluation.summarize("mmmu_pro", recs, rows))
+    assert (res["accuracy"], res["strict_accuracy"], res["guessed_rate"]) == (1.0, 0.5, 0.5)
+    assert list(res)[:6] == ["n", "accuracy", "first_accuracy", "strict_accuracy", "first_strict_accuracy",
+                             "guessed_rate"]
+    assert (rows[0]["final_guessed"], rows[1]["final_guessed"]) == (True, False)
