@@ -6,10 +6,12 @@
     python evaluate.py --predictions preds.jsonl --benchmark mathvista --data ...   # re-score, no model
     accelerate launch evaluate.py ...                                    # records sharded over processes/GPUs
 
-Writes results.json (accuracy = final answer, first_accuracy, format_rate, reflection transitions, tokens, time,
-by_category; WeMath adds its four-dimensional metrics), results.md (the same as tables) and predictions.jsonl (one
-line per record and sample: response, both extracted answers, verdicts). A rerun with the same --out_dir skips the
-records already in predictions.jsonl. Scoring rules: nanosrpo/benchmarks.py and README "Evaluation".
+Writes results.json (accuracy = final answer by the benchmark's official rule, strict_accuracy = the same without
+credit for a guessed answer, first_accuracy, format_rate, reflection transitions, tokens, time, by_category; WeMath
+adds its four-dimensional metrics), results.md (the same as tables) and predictions.jsonl (one line per record and
+sample: response, both extracted answers, verdicts). A rerun with the same --out_dir skips the records already in
+predictions.jsonl. --predictions needs no model and no images. Scoring rules: nanosrpo/benchmarks.py and README
+"Evaluation".
 """
 
 import json
@@ -63,16 +65,43 @@ def read_predictions(path: str, benchmark: str, records: list[dict]) -> list[dic
             raise DataError(f"{where}: field 'id': duplicate prediction for {rid!r} (sample {sample})")
         seen.add((rid, sample))
         rows.append(evaluation.score_response(benchmark, by_id[rid], p["response"], sample, p.get("tokens")))
-    missing = [r for r in records if (r["id"], 0) not in seen]
-    rows += [{**evaluation.score_response(benchmark, r, ""), "response": None, "missing": True} for r in missing]
+    missing = [r for r in records if (r["id"], 0) not in seen]  # wrong, even where an official rule would guess
+    rows += [{**evaluation.score_response(benchmark, r, ""), "response": None, "missing": True, "first_correct": False,
+              "final_correct": False} for r in missing]
     order = {r["id"]: i for i, r in enumerate(records)}
     return sorted(rows, key=lambda r: (order[r["id"]], r["sample"]))
+
+
+def add_strict(benchmark: str, records: list[dict], rows: list[dict], res: dict) -> dict:
+    """The strict figures beside the official ones: a verdict the official rule reached by guessing (MathVista's
+    most-similar choice, MMMU-Pro's random letter; benchmarks.judge) earns no credit. Marks each row's
+    first_guessed / final_guessed and returns res with strict_accuracy, first_strict_accuracy and guessed_rate
+    (final answers scored by a guess) placed after first_accuracy."""
+    by_id = {r["id"]: r for r in records}
+    for row in rows:
+        for which in ("first", "final"):
+            guessed = benchmarks.judge(benchmark, by_id[row["id"]], row[f"{which}_answer"])[1]
+            row[f"{which}_guessed"] = guessed and not row.get("missing")  # a missing prediction is simply wrong
+    n = len(rows)
+    strict = {
+        "strict_accuracy": sum(r["final_correct"] and not r["final_guessed"] for r in rows) / n if n else None,
+        "first_strict_accuracy": sum(r["first_correct"] and not r["first_guessed"] for r in rows) / n if n else None,
+        "guessed_rate": sum(r["final_guessed"] for r in rows) / n if n else None,
+    }
+    out = {}
+    for k, v in res.items():
+        out[k] = v
+        if k == "first_accuracy":
+            out.update(strict)
+    return out if "first_accuracy" in res else {**res, **strict}
 
 
 def markdown(name: str, res: dict) -> str:
     """results.md: the headline numbers, then one table per category field."""
     pct = lambda x: "" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    lines = [f"# {name}", "", "| metric | value |", "|---|---:|"]
+    lines = [f"# {name}", "", "`accuracy` is the official figure (the benchmark's own rule-based scoring on the "
+             "extracted final answer); `strict_accuracy` is the strict one (no credit where that rule had to guess: "
+             "no usable answer). README, Evaluation.", "", "| metric | value |", "|---|---:|"]
     for k, v in res.items():
         if k in ("by_category", "wemath", "wemath_first") or isinstance(v, dict):
             continue
@@ -84,7 +113,8 @@ def markdown(name: str, res: dict) -> str:
             lines += ["", f"## WeMath four-dimensional metrics ({label})", "", "| metric | value |", "|---|---:|"]
             lines += [f"| {k} | {v if k == 'groups' else pct(v)} |" for k, v in res[key].items()]
     for field, values in res.get("by_category", {}).items():
-        lines += ["", f"## by {field}", "", "| value | n | accuracy | first accuracy |", "|---|---:|---:|---:|"]
+        lines += ["", f"## by {field} (official)", "", "| value | n | accuracy | first accuracy |",
+                  "|---|---:|---:|---:|"]
         lines += [f"| {v} | {s['n']} | {pct(s['accuracy'])} | {pct(s['first_accuracy'])} |" for v, s in values.items()]
     return "\n".join(lines) + "\n"
 
@@ -133,7 +163,7 @@ def run_benchmark(cfg, name, records, out: Path, gen, processor, state, model_pa
             r = by_key.get((rec["id"], i)) or done[(rec["id"], i)]
             # earlier rows are re-scored: a fix to the scoring rules applies to the whole file
             rows.append(evaluation.score_response(name, by_id[rec["id"]], r["response"], i, r.get("tokens")))
-    res = evaluation.summarize(name, records, rows)
+    res = add_strict(name, records, rows, evaluation.summarize(name, records, rows))
     res["seconds_per_sample"] = timing["seconds"] / timing["samples"] if timing["samples"] else None
     res.update(benchmark=name, model=model_path, prompt=cfg.prompt, n_samples=n, temperature=cfg.temperature,
                max_new_tokens=cfg.max_new_tokens, resumed=len(records) - len(todo))
@@ -171,7 +201,8 @@ def main(argv=None):
         for name, path in zip(names, datas):
             if path == config.TINY and name != "jsonl":
                 raise DataError(f"--data tiny is the tiny world's eval split: it needs --benchmark jsonl, not {name}")
-            records = benchmarks.load(name, world["eval"] if path == config.TINY else path, cfg.split, cfg.image_dir or None)
+            records = benchmarks.load(name, world["eval"] if path == config.TINY else path, cfg.split,
+                                      cfg.image_dir or None, images=not preds)  # re-scoring needs no images
             sets.append((name, records[: cfg.limit] if cfg.limit else records))
     except DataError as e:
         raise SystemExit(f"error: {e}")
@@ -185,7 +216,7 @@ def main(argv=None):
                 rows = read_predictions(pred, name, records)
             except DataError as e:
                 raise SystemExit(f"error: {e}")
-            res = evaluation.summarize(name, records, rows)
+            res = add_strict(name, records, rows, evaluation.summarize(name, records, rows))
             res.update(benchmark=name, predictions=pred, missing_predictions=sum(bool(r.get("missing")) for r in rows),
                        seconds_per_sample=None)
             if state.is_main_process:
@@ -217,7 +248,8 @@ def main(argv=None):
 
     if state.is_main_process:
         for name, res in results.items():
-            print(f"{name}: n={res['n']} accuracy={res['accuracy']:.4f} first_accuracy={res['first_accuracy']:.4f} "
+            print(f"{name}: n={res['n']} accuracy={res['accuracy']:.4f} (official) strict_accuracy="
+                  f"{res['strict_accuracy']:.4f} first_accuracy={res['first_accuracy']:.4f} "
                   f"format_rate={res['format_rate']:.4f} wrong_to_right={res['wrong_to_right']:.4f} "
                   f"right_to_wrong={res['right_to_wrong']:.4f}")
         if len(names) > 1:
@@ -225,8 +257,8 @@ def main(argv=None):
     return results
 
 
-SUMMARY_KEYS = ("n", "accuracy", "first_accuracy", "format_rate", "wrong_to_right", "right_to_wrong", "right_to_right",
-                "wrong_to_wrong", "mean_response_tokens")
+SUMMARY_KEYS = ("n", "accuracy", "strict_accuracy", "first_accuracy", "format_rate", "wrong_to_right", "right_to_wrong",
+                "right_to_right", "wrong_to_wrong", "mean_response_tokens")
 
 
 def write_summary(out_root: Path, results: dict) -> None:

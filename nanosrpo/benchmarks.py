@@ -2,6 +2,7 @@
 
     records = benchmarks.load("mathvista", "MathVista/data/testmini.json")   # or a folder, or a .parquet file
     ok = benchmarks.is_right("mathvista", records[0], "B")                    # an extracted answer, judged
+    ok, guessed = benchmarks.judge("mathvista", records[0], "banana")         # official verdict, reached by a guess?
 
 Every loader returns records in one layout, a superset of the RL records of data.load_rl_records:
     {"id": the benchmark's own id (str), "question": text the policy reads (choices included, as the benchmark
@@ -10,15 +11,20 @@ Every loader returns records in one layout, a superset of the RL records of data
 Two published layouts per benchmark: the GitHub release files (JSON / JSONL beside an images/ folder) and the
 Hugging Face parquet files (images embedded as bytes). Both give the same records (a test checks it).
 
-Scoring follows each benchmark's official script on the *extracted* answer (evaluation.extract_answers does the
-extraction: last / first <answer> block, else the last \\boxed{}); where we differ, the function says why (README,
-"Evaluation"). No GPT extractor or judge is ever called.
+Scoring is each benchmark's official rule-based scoring, as its own script computes it, on the *extracted* answer
+(evaluation.extract_answers: last / first <answer> block, else the last \\boxed{}); each function names the script
+it reproduces and says where it cannot. judge() also says when the official rule guessed (MathVista's most-similar
+choice, MMMU-Pro's random letter): evaluate.py's strict figure gives those no credit. No GPT extractor or judge is
+ever called.
 """
 
 import ast
 import json
 import math
+import operator
+import random
 import re
+import zlib
 from pathlib import Path
 
 from nanosrpo import rewards
@@ -88,9 +94,10 @@ def _field(row, name: str, where: str, optional: bool = False):
     return value
 
 
-def _image(value, where: str, name: str, folder: Path) -> list:
+def _image(value, where: str, name: str, folder: Path | None) -> list:
     """An image cell as a list of 0 or 1 image: a path (relative to the data file's folder) or embedded bytes
-    (HF parquet stores an Image feature as {"bytes", "path"})."""
+    (HF parquet stores an Image feature as {"bytes", "path"}). folder None: images are not needed (re-scoring), the
+    path is kept as written and not looked for."""
     if value is None or value == "":
         return []
     if isinstance(value, dict):
@@ -101,6 +108,8 @@ def _image(value, where: str, name: str, folder: Path) -> list:
             return []
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{name}' must be an image path or an embedded image")
+    if folder is None:
+        return [value]
     p = Path(value) if Path(value).is_absolute() else folder / value
     if not p.is_file():
         raise DataError(f"{where}: field '{name}': image file not found: {p}")
@@ -259,8 +268,10 @@ def from_rl_record(rec: dict) -> dict:
     return {**rec, "question": question_text(rec), "categories": {}, "meta": {}}
 
 
-def load(benchmark: str, path: str | Path, split: str = "", image_dir: str | None = None) -> list[dict]:
-    """Read a benchmark from local files (never downloads): records in the layout of this module's docstring."""
+def load(benchmark: str, path: str | Path, split: str = "", image_dir: str | None = None,
+         images: bool = True) -> list[dict]:
+    """Read a benchmark from local files (never downloads): records in the layout of this module's docstring.
+    images=False (re-scoring responses): image files are neither needed nor looked for."""
     if benchmark not in BENCHMARKS:
         raise DataError(f"unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
     if benchmark == "jsonl":
@@ -269,7 +280,7 @@ def load(benchmark: str, path: str | Path, split: str = "", image_dir: str | Non
         return [from_rl_record(r) for r in load_rl_records(find_files(benchmark, path, split)[0], image_dir)]
     records, seen = [], set()
     for file in find_files(benchmark, path, split):
-        folder = Path(image_dir) if image_dir else file.parent
+        folder = None if not images else Path(image_dir) if image_dir else file.parent
         for where, row in read_rows(file):
             rec = LOADERS[benchmark](row, where, folder)
             if rec["id"] in seen:
@@ -282,6 +293,35 @@ def load(benchmark: str, path: str | Path, split: str = "", image_dir: str | Non
 
 
 # ----------------------------------------------------------------------------------------------------- scoring
+# Each benchmark's official rule-based scoring, as its own script computes it, applied to our extracted answer (the
+# official pipelines apply it to a GPT extraction or to the whole response). judge() returns (right, guessed):
+# `right` is the official verdict (results.json's accuracy); `guessed` marks a verdict the official rule reached by
+# guessing (MathVista's most-similar choice, MMMU-Pro's random letter), which the strict figure gives no credit.
+def judge(benchmark: str, rec: dict, answer: str | None) -> tuple[bool, bool]:
+    """(official verdict, guessed) for one extracted answer; None (no answer) is scored as the empty answer."""
+    answer = answer or ""
+    if benchmark == "mathvista":
+        m = rec["meta"]
+        pred, guessed = mathvista_normalize(answer, rec["choices"], m["question_type"], m["answer_type"],
+                                            m["precision"])
+        return pred is not None and pred == rec["answer"], guessed  # official safe_equal: exact equality
+    if benchmark in ("mmmu_pro", "mmmu_pro_vision"):
+        letter, guessed = mmmu_pro_parse(answer, rec["choices"], rec["id"])
+        return letter == rec["answer"], guessed
+    if benchmark == "mathvision":
+        return mathvision_is_right(answer, rec["answer"], rec["choices"]), False
+    if benchmark == "mathverse":  # score_answer_s2.py's rule-based part (--quick_match): exact string equality
+        return answer == rec["answer"], False
+    if benchmark == "wemath":
+        return wemath_letter(answer) == rec["answer"], False
+    return bool(answer.strip()) and by_value(answer, rec["answer"], rec["choices"]), False  # jsonl: by value
+
+
+def is_right(benchmark: str, rec: dict, answer: str | None) -> bool:
+    """The official verdict on this extracted answer (judge's first half)."""
+    return judge(benchmark, rec, answer)[0]
+
+
 def by_value(answer: str | None, gold, choices=None) -> bool:
     """rewards.is_correct (choice letters, choice texts, math-verify on values); a gold it cannot parse ('Yes',
     '(2, 3]' written oddly) is compared as a normalised string instead of failing the whole run."""
@@ -295,56 +335,293 @@ def _norm(s: str) -> str:
     return " ".join(s.casefold().split()).rstrip(".")
 
 
-_PAREN_LETTER = re.compile(r"\(([a-zA-Z])\)")
-_BARE_LETTER = re.compile(r"([A-Za-z])[.:)]?")
-
-
-def _number(s: str) -> float | None:
-    """float(s), or the one number in s ('5 cm', '1,000'); None when there is none or more than one."""
-    s = s.replace(",", "").strip()
-    try:
-        return float(s)
-    except ValueError:
-        nums = re.findall(r"-?\d+(?:\.\d+)?", s)
-        return float(nums[0]) if len(nums) == 1 else None
+# --- MathVista (evaluation/calculate_score.py)
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions of one character, each cost 1): python-Levenshtein's."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
 
 
 def mathvista_normalize(answer: str, choices, question_type: str, answer_type: str, precision):
-    """MathVista's `normalize_extracted_answer` (evaluation/calculate_score.py) on our extracted answer.
+    """MathVista's `normalize_extracted_answer`: (prediction, guessed), the prediction compared with `answer` by ==.
 
-    Differences, on purpose: (1) a bare letter may carry a '.', ':' or ')' ("B." -> B), as our format asks for
-    letters in any of those shapes; (2) an answer that is neither a letter nor a choice's text maps to no choice
-    (None): the official script maps it to the *most similar* choice by edit distance, which would give a response
-    with no usable answer a 1-in-k chance of being right; (3) integer/float answers may carry a unit or thousands
-    separators ('5 cm', '1,000'), which the official GPT extractor strips before this step and we have no GPT."""
-    answer = answer.strip()
+    multi_choice: the answer stripped; the letter of the first '(X)' in it, if any; a letter among the options maps
+    to its choice's text; anything else maps to the most similar choice by edit distance (the first of the closest;
+    a guess, unless the answer is that choice's text or its value). integer: str(int(float(x))); float:
+    str(round(float(x), precision)); a value float() cannot read is None (wrong). list and text: the string itself."""
     if question_type == "multi_choice":
-        m = _PAREN_LETTER.search(answer) or _BARE_LETTER.fullmatch(answer)
-        if m and ord(m.group(1).upper()) - ord("A") < len(choices):
-            return choices[ord(m.group(1).upper()) - ord("A")]
-        return next((c for c in choices if _norm(c) == _norm(answer)), None)
+        answer = answer.strip()
+        letters = re.findall(r"\(([a-zA-Z])\)", answer)
+        if letters:
+            answer = letters[0].upper()
+        options = list(LETTERS[: len(choices)])
+        if answer in options:
+            return choices[options.index(answer)], False
+        distances = [levenshtein(answer, c) for c in choices]
+        best = choices[distances.index(min(distances))]
+        return best, best != answer and not by_value(answer, best)  # '92.5' for '92.5°' names it; '8' for '18.79' not
     if answer_type in ("integer", "float"):
-        x = _number(answer)
-        if x is None or not math.isfinite(x):
-            return None
-        if answer_type == "integer":
-            return str(int(x))
-        p = None if precision is None or precision != precision else int(precision)  # NaN from parquet = none
-        return str(round(x, p))
-    return answer  # 'list' and 'text': the string itself
+        try:
+            x = float(answer)
+            if answer_type == "integer":
+                return str(int(x)), False
+            p = None if precision is None or precision != precision else int(precision)  # NaN from parquet = none
+            return str(round(x, p)), False
+        except (ValueError, OverflowError):  # int(inf), int(nan): the official try/except gives None
+            return None, False
+    return answer, False  # 'list' and 'text': the string itself
 
 
-def is_right(benchmark: str, rec: dict, answer: str | None) -> bool:
-    """Is this extracted answer right for this record, by the benchmark's rule? None (no answer) is wrong."""
-    if answer is None or not answer.strip():
+# --- MMMU-Pro (mmmu-pro/evaluate.py)
+def mmmu_pro_parse(response: str, options: list[str], rid: str) -> tuple[str, bool]:
+    """MMMU-Pro's `parse_multi_choice_response`: (letter, guessed).
+
+    The one letter named after the last 'Answer:'; else, the response stripped of ,.!?;:' at its ends and padded
+    with spaces, the letters written '(X)', else 'X ', else 'X.', else (over 5 words) the options whose text it
+    contains; the last one named wins (ties: the first). None found: the official script picks a letter at random;
+    we seed that pick with the record's id (the same letter on every run) and flag it as guessed."""
+    letters = list(LETTERS[: len(options)])
+    at = response.rfind("Answer:")
+    if at != -1:
+        named = [c for c in letters if c in response[at + len("Answer:"):].strip()]
+        if len(named) == 1:
+            return named[0], False
+    for ch in ",.!?;:'":
+        response = response.strip(ch)
+    response = f" {response} "
+    by_letter = True
+    found = [c for c in letters if f"({c})" in response]
+    bracketed = bool(found)
+    found = found or [c for c in letters if f"{c} " in response] or [c for c in letters if f"{c}." in response]
+    if not found and len(response.split()) > 5:
+        found, by_letter = [c for c, o in zip(letters, options) if o.lower() in response.lower()], False
+    if not found:
+        return random.Random(zlib.crc32(str(rid).encode())).choice(letters), True
+    if len(found) == 1:
+        return found[0], False
+    if not by_letter:
+        where = [response.lower().rfind(options[letters.index(c)].lower()) for c in found]
+    else:
+        where = [response.rfind(f"({c})" if bracketed else f" {c} ") for c in found]
+    return found[where.index(max(where))], False
+
+
+# --- WeMath (evaluation/four_dimensional_metrics.py, load_and_process_data)
+def wemath_letter(response: str) -> str | None:
+    """WeMath's answer: the text after the last 'Answer', stripped, without '<', '>', ':' and '.', its first
+    character if that is one of A-H, else None."""
+    s = re.sub(r"[<>:.]", "", response.split("Answer")[-1].strip()).strip()
+    return s[0] if s and s[0] in "ABCDEFGH" else None
+
+
+# --- MATH-Vision (evaluation/evaluate.py, evaluation/utils.py)
+MATHVISION_FLAGS = ("the final answer is", "the answer is", "the correct answer is", "the answer should be")
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
         return False
-    if benchmark == "mathvista":
-        m = rec["meta"]
-        pred = mathvista_normalize(answer, rec["choices"], m["question_type"], m["answer_type"], m["precision"])
-        return pred is not None and pred == rec["answer"]  # official safe_equal: exact equality
-    # MATH-Vision, MMMU-Pro, WeMath, MathVerse multiple choice: the letter (or an option's text) against the gold
-    # letter; free-form answers (MATH-Vision, MathVerse, jsonl) by value.
-    return by_value(answer, rec["answer"], rec["choices"])
+
+
+def mathvision_clean(response: str) -> str:
+    """MATH-Vision's `model_answer` from a response (evaluate.py's loop, then find_math_answer and its clean-ups)."""
+    s = response.strip()
+    for c in "ABCDE":  # a letter at the end (' C.', ' (C).') or alone on the first line
+        if s.endswith((f" {c}.", f" ({c}).")) or s.startswith((f"{c}\n", f"({c})\n", f"({c}) {c}\n")):
+            s = c
+    tail = s.split("is ")[-1].rstrip(".")
+    if _is_float(tail):
+        s = tail
+    if "oxed{" not in s:
+        for flag in MATHVISION_FLAGS:
+            for f in (flag, flag.replace("the", "The")):
+                had = f in s
+                s = s.split(f)[-1].strip()
+                if had:  # the rest of that line's sentence
+                    s = s.split("\n")[0].split(". ")[0]
+    elif s.count("oxed{") > 1:
+        s = "\\boxed{" + s.split("oxed{")[-1]
+    s = _mathvision_find_answer(s)
+    for c in "abcde":
+        s = s.replace(f"({c})", c)
+    for c in "abcde":
+        s = s.replace("{" + c + "}", c)
+    return s.rstrip(".").lstrip(":").strip()
+
+
+# find_math_answer's clean-ups, in its order
+_MATHVISION_CLEAN = ((" ", ""), ("\\,", ""), ("∞", "\\infty"), ("+\\infty", "\\infty"), ("\\\\", "\\"), ("\n", ""),
+                     ("\\text", ""), ("\\mbox", ""), ("bmatrix", "pmatrix"), ("\\left", ""), ("\\right", ""),
+                     ("^{\\circ}", ""), ("^\\circ", ""), ("{m}^3", ""), ("m^3", ""), ("{units}", ""), ("units", ""),
+                     ("{km}", ""), ("km", ""))
+
+
+def _mathvision_find_answer(s: str) -> str:
+    """utils.find_math_answer: lower-cased; inside the boxed braces (greedy: first 'oxed{' to the last '}'); the
+    part before an unmatched '}'; after the last '=' and '\\approx'; spaces, \\text, \\left, degrees, units off."""
+    s = s.lower().replace("{}", "")
+    boxed = re.findall(r"oxed{(.*)}", s, flags=re.S)
+    ans = boxed[-1] if boxed else s
+    if "}" in ans and ("{" not in ans or ans.find("}") < ans.find("{")):
+        ans = ans.split("}")[0]
+    ans = ans.split("=")[-1].split("\\approx")[-1]
+    for old, new in _MATHVISION_CLEAN:
+        ans = ans.replace(old, new)
+    return _mathvision_strip(ans)
+
+
+def _mathvision_strip(s: str) -> str:
+    """utils._strip_string: the MATH dataset's answer normalisation, as MATH-Vision has it (fractions written
+    a/b become \\frac{a}{b}; '0.5' becomes \\frac{1}{2}; its \\frac fix runs only when 'sqrt' is present)."""
+    for old, new in (("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"), ("\\left", ""),
+                     ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", ""), ("$", "")):
+        s = s.replace(old, new)
+    s = s.split("\\text{ ")[0].replace("\\%", "").replace(" .", " 0.").replace("{.", "{0.")
+    if not s:
+        return s
+    if s[0] == ".":
+        s = "0" + s
+    if len(s.split("=")) == 2:
+        s = s.split("=")[-1]
+    if len(s.split("\\approx")) == 2:
+        s = s.split("\\approx")[-1]
+    if "sqrt" in s:
+        s = _fix_sqrt(s)
+    s = s.replace(" ", "")
+    if "sqrt" in s:
+        s = _fix_fracs(s)
+    if s == "0.5":
+        s = "\\frac{1}{2}"
+    return _fix_a_slash_b(s)
+
+
+def _fix_sqrt(s: str) -> str:
+    """'\\sqrt3' -> '\\sqrt{3}' (one character)."""
+    head, *parts = s.split("\\sqrt")
+    return head + "".join("\\sqrt{" + p[0] + "}" + p[1:] if p and p[0] != "{" else "\\sqrt" + p for p in parts)
+
+
+def _fix_fracs(s: str) -> str:
+    """'\\frac12' -> '\\frac{1}{2}', '\\frac1{2}' -> '\\frac{1}{2}'; a '\\frac' with under 2 characters after it
+    leaves the whole string as it was."""
+    head, *parts = s.split("\\frac")
+    out = head
+    for p in parts:
+        out += "\\frac"
+        if p.startswith("{"):
+            out += p
+        elif len(p) < 2:
+            return s
+        elif p[1] != "{":
+            out += "{" + p[0] + "}{" + p[1] + "}" + p[2:]
+        else:
+            out += "{" + p[0] + "}" + p[1:]
+    return out
+
+
+def _fix_a_slash_b(s: str) -> str:
+    """'3/4' -> '\\frac{3}{4}' when both sides are integers written plainly."""
+    if len(s.split("/")) != 2:
+        return s
+    a, b = s.split("/")
+    try:
+        if s == f"{int(a)}/{int(b)}":
+            return "\\frac{" + str(int(a)) + "}{" + str(int(b)) + "}"
+    except ValueError:
+        pass
+    return s
+
+
+def mathvision_is_right(answer: str, gold: str, options) -> bool:
+    """MATH-Vision's verdict: is_equal(gold letter or value, cleaned answer) or is_equal(gold option's text, ...)."""
+    model = mathvision_clean(answer)
+    k = ord(gold) - ord("A") if len(gold) == 1 else -1
+    gold_text = options[k] if options and 0 <= k < len(options) else ""  # the official script indexes options so
+    return mathvision_is_equal(gold, model) or mathvision_is_equal(gold_text, model)
+
+
+def mathvision_is_equal(a: str, b: str) -> bool:
+    """utils.is_equal: case-insensitive; empty is never equal; equal strings; equal after evaluating tuple / list
+    elements; else the two values (LaTeX evaluated, rounded to 2 decimals) equal."""
+    a, b = a.lower(), b.lower()
+    if not a.replace(" ", "") or not b.replace(" ", ""):
+        return False
+    if a.strip() == b.strip():
+        return True
+    a, b = _eval_tuple(a), _eval_tuple(b)
+    if a == b:
+        return True
+    try:
+        return round(latex_value(a), 2) == round(latex_value(b), 2)
+    except Exception:  # noqa: BLE001 -- as the official: anything that does not evaluate is not equal
+        return False
+
+
+def _eval_tuple(s: str) -> str:
+    """utils.eval_tuple: '(2*3, 5+2)' -> '(6,7)': each element's value rounded to 2 decimals (elements containing
+    'infty', 'a' and '-a' kept); anything that fails leaves s unchanged."""
+    parts = s[1:-1].split(",")
+    if len(parts) < 2 or (s[0], s[-1]) not in (("(", ")"), ("[", "]")):
+        return s
+    try:
+        inner = ",".join(p if "infty" in p or p in ("a", "-a") else str(round(latex_value(p), 2)) for p in parts)
+    except Exception:  # noqa: BLE001
+        return s
+    return s[0] + inner + s[-1]
+
+
+def latex_value(s: str):
+    """MATH-Vision's eval(str(latex2sympy(s))), without the latex2sympy2 package (its antlr4 pin conflicts with
+    math-verify's): latex2sympy2_extended parses, and the printed expression is evaluated with Python's numbers and
+    the math module's names only, as the official eval in a `from math import *` namespace does (so E, I, oo, x, ...
+    do not evaluate). A comma (the official parser reads '1,000' as a list) does not evaluate either, and a number
+    before \\frac multiplies it, as latex2sympy2 reads it ('2\\frac{1}{2}' is 1; the extended parser says 5/2)."""
+    from latex2sympy2_extended import NormalizationConfig, latex2sympy
+    from latex2sympy2_extended.latex2sympy2 import ConversionConfig
+
+    if "," in s:
+        raise ValueError("a list has no value")
+    s = re.sub(r"(\d)\s*\\frac", r"\1\\cdot\\frac", s)
+    expr = latex2sympy(s, normalization_config=NormalizationConfig(False, False, False, False, "none", False),
+                       conversion_config=ConversionConfig(False, False, False, False))
+    return _eval_printed(ast.parse(str(expr), mode="eval").body)
+
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.Mod: operator.mod, ast.FloorDiv: operator.floordiv}
+
+
+def _eval_printed(node):
+    """Evaluate a printed sympy expression: numbers, + - * / % // **, and the math module's constants and functions
+    (a safe subset of the official eval). A huge integer power is refused rather than computed."""
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _eval_printed(node.operand)
+        return -v if isinstance(node.op, ast.USub) else +v
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        return _BINOPS[type(node.op)](_eval_printed(node.left), _eval_printed(node.right))
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+        base, exp = _eval_printed(node.left), _eval_printed(node.right)
+        if isinstance(exp, int) and abs(exp) > 4096 and abs(base) > 1:
+            raise OverflowError("power too large")
+        return base**exp
+    if isinstance(node, ast.Name) and isinstance(getattr(math, node.id, None), float):
+        return getattr(math, node.id)  # pi, e, tau, inf, nan
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.keywords:
+        fn = getattr(math, node.func.id, None) if not node.func.id.startswith("_") else None
+        fn = fn or {"abs": abs, "round": round, "min": min, "max": max, "pow": pow}.get(node.func.id)
+        if callable(fn):
+            return fn(*[_eval_printed(a) for a in node.args])
+    raise ValueError(f"cannot evaluate {ast.dump(node)[:40]}")
 
 
 # ----------------------------------------------------------------------------------------------------- WeMath metrics

@@ -107,9 +107,9 @@ MATHVISTA = {
           "answer": "Yes", "question_type": "multi_choice", "answer_type": "text", "pid": "4",
           "metadata": {"task": "visual question answering", "skills": ["arithmetic reasoning"], "grade": "not applicable"}},
 }
-# 1: (A)=135° wrong -> C=145° right (wrong->right);  2: 1,000 right (one round);
+# 1: (A)=135° wrong -> C=145° right (wrong->right);  2: 1000 right (one round);
 # 3: 1.23 -> 1.2 right -> 1.3 wrong (right->wrong);  4: no tags, \boxed{No}: wrong, malformed
-MATHVISTA_RESPONSES = {"1": TWO.format("(A)", "C"), "2": ONE.format("1,000"), "3": TWO.format("1.23", "\\boxed{1.3}"),
+MATHVISTA_RESPONSES = {"1": TWO.format("(A)", "C"), "2": ONE.format("1000"), "3": TWO.format("1.23", "\\boxed{1.3}"),
                        "4": "I think the answer is \\boxed{No}."}
 
 
@@ -137,7 +137,9 @@ def test_mathvista_release_layout_and_official_scoring(tmp_path):
     rows = [json.loads(line) for line in open(out / "predictions.jsonl")]
     assert rows[0]["first_answer"] == "(A)" and rows[0]["final_answer"] == "C"
     assert (rows[0]["first_correct"], rows[0]["final_correct"]) == (False, True)
-    assert "| accuracy | 50.0% |" in (out / "results.md").read_text()
+    assert rows[0]["final_guessed"] is False and res["strict_accuracy"] == 0.5 and res["guessed_rate"] == 0
+    md = (out / "results.md").read_text()
+    assert "| accuracy | 50.0% |" in md and "| strict_accuracy | 50.0% |" in md and "official" in md
 
 
 def test_mathvista_parquet_layout_gives_the_same_records(tmp_path):
@@ -156,17 +158,25 @@ def test_mathvista_parquet_layout_gives_the_same_records(tmp_path):
 
 
 def test_mathvista_normalisation_rules():
+    """calculate_score.py's normalize_extracted_answer, by hand: (prediction, guessed)."""
     norm = benchmarks.mathvista_normalize
     ch = ["135°", "140°", "145°", "150°"]
-    assert [norm(a, ch, "multi_choice", "text", None) for a in ("B", "(b)", "B.", "145°", "(C) 145°")] == \
-        ["140°", "140°", "140°", "145°", "145°"]
-    assert norm("E", ch, "multi_choice", "text", None) is None      # not a choice: no nearest-option guess
-    assert norm("banana", ch, "multi_choice", "text", None) is None
-    assert norm("7.9", None, "free_form", "integer", None) == "7"    # str(int(float(x))), as the official script
-    assert norm("5 cm", None, "free_form", "integer", None) == "5"
-    assert norm("1.26", None, "free_form", "float", 1.0) == "1.3"
-    assert norm("1 or 2", None, "free_form", "integer", None) is None
-    assert norm("[1, 2]", None, "free_form", "list", None) == "[1, 2]"
+    mc = lambda a: norm(a, ch, "multi_choice", "text", None)  # noqa: E731
+    assert [mc(a) for a in ("B", " B ", "(b)", "145°", "(C) 145°", "see (d) or (a)")] == \
+        [("140°", False), ("140°", False), ("140°", False), ("145°", False), ("145°", False), ("150°", False)]
+    assert mc("145") == ("145°", False)     # nearest by edit distance (1), and the same value: not a guess
+    assert mc("B.") == ("135°", True)       # 'B.' is no option letter: edit distance 4 to each choice, the first wins
+    assert mc("E") == ("135°", True) and mc("") == ("135°", True)  # no usable answer: the official rule still picks
+    assert mc("139") == ("135°", True)      # 135° and 139 differ in 2 characters, 140° in 3
+    assert norm("7.9", None, "free_form", "integer", None) == ("7", False)   # str(int(float(x)))
+    assert norm("5 cm", None, "free_form", "integer", None) == (None, False)  # float() fails: no value
+    assert norm("1,000", None, "free_form", "integer", None) == (None, False)
+    assert norm("1e3", None, "free_form", "integer", None) == ("1000", False)
+    assert norm("inf", None, "free_form", "integer", None) == (None, False)  # int(inf) raises: None, as official
+    assert norm("1.26", None, "free_form", "float", 1.0) == ("1.3", False)   # parquet's float precision
+    assert norm("1.26", None, "free_form", "float", 2) == ("1.26", False)
+    assert norm("2", None, "free_form", "float", None) == ("2", False)       # round(x, None) is an int
+    assert norm("[1, 2]", None, "free_form", "list", None) == ("[1, 2]", False)
 
 
 def test_missing_field_names_the_field_and_the_record(tmp_path):
@@ -185,7 +195,7 @@ def test_missing_field_names_the_field_and_the_record(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- MathVerse
-def test_mathverse_choices_in_the_question_and_free_form_by_value(tmp_path):
+def test_mathverse_choices_in_the_question_and_exact_match(tmp_path):
     root = tmp_path / "MathVerse"
     png(root / "images" / "a.png")
     rows = [
@@ -200,13 +210,14 @@ def test_mathverse_choices_in_the_question_and_free_form_by_value(tmp_path):
     (root / "testmini.json").write_text(json.dumps(rows))
     recs = benchmarks.load("mathverse", root)
     assert recs[0]["choices"] == ["40°", "60°", "120°", "140°"] and recs[2]["images"] == []
-    # 1: the option's text counts as its letter; 2: 1/2 equals 0.5 by value; 3: 6 is wrong
-    res, _ = rescore(tmp_path, "mathverse", root, {"1": ONE.format("140°"), "2": ONE.format("$\\frac{1}{2}$"),
+    # the official rule-based match is string equality: 1: the option's text is not its letter D (wrong -> right);
+    # 2: \frac{1}{2} is not the string 0.5; 3: 5 right -> 6 wrong
+    res, _ = rescore(tmp_path, "mathverse", root, {"1": TWO.format("140°", "D"), "2": ONE.format("$\\frac{1}{2}$"),
                                                    "3": TWO.format("5", "6")})
-    assert res["accuracy"] == pytest.approx(2 / 3) and res["first_accuracy"] == 1.0
-    assert res["right_to_wrong"] == pytest.approx(1 / 3)
+    assert res["accuracy"] == pytest.approx(1 / 3) and res["first_accuracy"] == pytest.approx(1 / 3)
+    assert res["right_to_wrong"] == pytest.approx(1 / 3) and res["wrong_to_right"] == pytest.approx(1 / 3)
     assert res["by_category"]["problem_version"]["Text Only"]["accuracy"] == 0.0
-    assert res["by_category"]["subject"]["algebra"] == {"n": 2, "accuracy": 0.5, "first_accuracy": 1.0}
+    assert res["by_category"]["subject"]["algebra"] == {"n": 2, "accuracy": 0.0, "first_accuracy": 0.5}
     # HF parquet: the image embedded in the 'image' column (none for Text Only)
     hf = [{**r, "image": {"bytes": png(), "path": "a.png"} if r["image"] else None} for r in rows]
     pq_recs = benchmarks.load("mathverse", write_parquet(tmp_path / "hf" / "testmini-00000-of-00001.parquet", hf).parent)
@@ -261,8 +272,10 @@ def test_mmmu_pro_standard_and_vision_parquet(tmp_path, tiny_dir):
     std = benchmarks.load("mmmu_pro", root)  # the repo root: the standard (10 options) folder
     assert [len(r["images"]) for r in std] == [1, 2] and std[1]["choices"][-1] == "9"
     assert std[0]["question"] == "Which colour? <image 1>\nChoices:\nA. red\nB. green\nC. blue"
-    res, _ = rescore(tmp_path, "mmmu_pro", root, {"test_Art_1": ONE.format("green"), "test_Math_2": ONE.format("\\boxed{I}")})
+    res, _ = rescore(tmp_path, "mmmu_pro", root, {"test_Art_1": ONE.format("(B) green"),
+                                                  "test_Math_2": ONE.format("\\boxed{I}")})
     assert res["accuracy"] == 0.5 and res["by_category"]["subject"]["Art"]["accuracy"] == 1.0
+    assert res["strict_accuracy"] == 0.5 and res["guessed_rate"] == 0
     vis = benchmarks.load("mmmu_pro_vision", root)
     assert vis[0]["question"] == benchmarks.MMMU_PRO_VISION_QUESTION and vis[0]["categories"]["setting"] == "vision"
     res, _ = rescore(tmp_path, "mmmu_pro_vision", root, {"test_Art_1": ONE.format("(B)")})
