@@ -299,7 +299,7 @@ def load(benchmark: str, path: str | Path, split: str = "", image_dir: str | Non
 # guessing (MathVista's most-similar choice, MMMU-Pro's random letter), which the strict figure gives no credit.
 def judge(benchmark: str, rec: dict, answer: str | None) -> tuple[bool, bool]:
     """(official verdict, guessed) for one extracted answer; None (no answer) is scored as the empty answer."""
-    answer = answer or ""
+    answer = stated_letter(answer or "", rec["choices"]) if benchmark in ("mathvista", "mathverse") else answer or ""
     if benchmark == "mathvista":
         m = rec["meta"]
         pred, guessed = mathvista_normalize(answer, rec["choices"], m["question_type"], m["answer_type"],
@@ -315,6 +315,17 @@ def judge(benchmark: str, rec: dict, answer: str | None) -> tuple[bool, bool]:
     if benchmark == "wemath":
         return wemath_letter(answer) == rec["answer"], False
     return bool(answer.strip()) and by_value(answer, rec["answer"], rec["choices"]), False  # jsonl: by value
+
+
+def stated_letter(answer: str, choices) -> str:
+    """The letter a sentence names ("The answer is B.", "Answer: (B)"), for multiple choice with lettered options;
+    else the answer unchanged. The official MathVista and MathVerse pipelines score a GPT extractor's answer, which
+    reduces such a sentence to its letter; our extraction stands in for it (rewards.named_letter, the reward's own
+    reading). A bare letter, an option's own text and anything naming no single letter in range stay as they are."""
+    if not choices or answer.strip() in choices:
+        return answer
+    letter = rewards.named_letter(answer)
+    return letter if letter and letter in LETTERS[: len(choices)] else answer
 
 
 def is_right(benchmark: str, rec: dict, answer: str | None) -> bool:

@@ -236,6 +236,13 @@ def _named_letter(s: str) -> str | None:
     return letters.pop() if letters else None
 
 
+def named_letter(s: str) -> str | None:
+    """The one choice letter an extracted answer names ("B", "(B) 40", "The answer is B."), or None (none, or a
+    hedge naming several). Evaluation uses it to read a sentence as its letter, as the reward does."""
+    letter = _named_letter(s)
+    return None if letter == AMBIGUOUS else letter
+
+
 def _named_option(s: str, options: tuple) -> str | None:
     """The letter of the option whose text an extracted answer gives ("isosceles", "The triangle is isosceles."),
     AMBIGUOUS when a sentence names several, None for none. options: ((letter, normalized text), ...)."""

@@ -74,6 +74,20 @@ def test_mathvista_judge_official_and_guessed():
     assert benchmarks.is_right("mathvista", text, "Yes") and not benchmarks.is_right("mathvista", text, "yes")
 
 
+def test_a_sentence_naming_a_letter_is_read_as_that_letter():
+    """The official pipelines score a GPT extractor's answer ("B"); ours reads the model's sentence the way the
+    reward does, so training and evaluation agree on "The answer is B." (MathVista and MathVerse)."""
+    rec = mathvista_rec(["135°", "140°", "145°", "150°"])
+    for said in ("The answer is C.", "Answer: (C)", "The correct option is C", "C"):
+        assert benchmarks.judge("mathvista", rec, said) == (True, False), said
+    assert benchmarks.judge("mathvista", rec, "The answer is B.") == (False, False)
+    assert benchmarks.judge("mathvista", rec, "B or C")[1]           # a hedge names no letter: the nearest-choice guess
+    assert benchmarks.judge("mathvista", rec, "The answer is E.")[1]  # out of range: left to the official rule
+    verse = {"id": "1", "answer": "B", "choices": ["1", "2", "3", "4"], "meta": {}}
+    assert [benchmarks.is_right("mathverse", verse, a) for a in ("B", "The answer is B.", "The answer is A.")] == \
+        [True, True, False]
+
+
 # ----------------------------------------------------------------------------------------------------- MMMU-Pro
 @pytest.mark.parametrize("response, letter, guessed", [
     ("B", "B", False),
