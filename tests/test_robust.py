@@ -7,6 +7,7 @@ found before the first step, and SFT shares GRPO's chunked log-prob path.
   - the SFT loss from grpo.sequence_logprobs, equal to the old full-vocabulary cross-entropy
 """
 
+import json
 import os
 import socket
 import time
@@ -125,3 +126,173 @@ def test_image_free_vision_pass_changes_nothing(tiny_dir, monkeypatch, layout, f
     assert set(g1) - set(g0) == (set() if frozen else tower)
     for n, g in g1.items():
         assert torch.equal(g, g0[n]) if n in g0 else not g.any(), n
+
+
+# ----------------------------------------------------------------------------------------------------- load-time checks
+def _sized_images(tmp_path) -> list:
+    """PNGs of awkward sizes: odd, tall, wide, tiny (below min_pixels), large (over a max_pixels bound)."""
+    from PIL import Image
+
+    paths = []
+    for k, (w, h) in enumerate([(112, 112), (97, 61), (30, 500), (700, 45), (10, 10), (640, 480)]):
+        p = tmp_path / f"im{k}.png"
+        Image.new("RGB", (w, h), (k * 40 % 255, 90, 200)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+@pytest.mark.parametrize("bounds", [(0, 0), (0, 56 * 56), (200 * 200, 0)])
+def test_token_counts_from_image_sizes_equal_the_processor(tiny_dir, tmp_path, bounds):
+    """encode / tokenize_chats count each image's tokens from its size (no image processor); the ids must be exactly
+    what the processor gives with the pixels, under the processor's pixel bounds too."""
+    _, processor = model.load_policy(str(tiny_dir))
+    model.set_pixel_bounds(processor, *bounds)
+    paths = _sized_images(tmp_path)
+    chats = [[{"role": "user", "content": [{"type": "image", "image": p}, {"type": "text", "text": f"q {k}"}]},
+              {"role": "assistant", "content": "<answer>3</answer>"}] for k, p in enumerate(paths)]
+    two = [{"type": "image", "image": paths[0]}, {"type": "image", "image": paths[1]}, {"type": "text", "text": "two"}]
+    chats.append([{"role": "user", "content": two}, {"role": "assistant", "content": "x"}])
+    chats.append([{"role": "user", "content": "no image"}, {"role": "assistant", "content": "y"}])
+    want = []
+    for m in chats:
+        text = processor.apply_chat_template(m, tokenize=False)
+        images = [data.load_image(p) for p in data.message_images(m)]
+        want.append(processor(text=[text], images=images)["input_ids"][0] if images else
+                    data.tokenizer_of(processor)(text, add_special_tokens=False)["input_ids"])
+        assert data.encode(processor, text, images) == list(want[-1])
+    assert len({len(w) for w in want}) > 4  # the sizes give different counts
+
+    def no_pixels(*a, **k):
+        raise AssertionError("SFT tokenization must not process or load images")
+
+    with pytest.MonkeyPatch.context() as mp_:
+        mp_.setattr(type(processor), "__call__", no_pixels)
+        mp_.setattr(type(processor.image_processor), "__call__", no_pixels)
+        mp_.setattr(data, "load_image", no_pixels)
+        got = data.tokenize_chats(processor, chats)
+    assert [s["input_ids"] for s in got] == [list(w) for w in want]
+
+
+def _rl_file(tmp_path, rows: list[dict]):
+    path = tmp_path / "rl.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_prompt_lengths_equal_the_rendered_prompts(tiny_dir, tmp_path):
+    from nanosrpo import prompts, rollout
+
+    _, processor = model.load_policy(str(tiny_dir))
+    model.set_pixel_bounds(processor, max_pixels=100 * 100)
+    paths = _sized_images(tmp_path)
+    rows = [{"id": f"r{k}", "question": f"How many? {'x ' * k}", "answer": "3", "image": p}
+            for k, p in enumerate(paths)]
+    rows += [{"id": "two", "question": "q", "answer": "1", "image": paths[:2]},
+             {"id": "none", "question": "q", "answer": "B", "choices": ["a", "b"]}]
+    records = data.load_rl_records(_rl_file(tmp_path, rows))
+    got = data.prompt_lengths(processor, prompts.SRPO_SYSTEM, records)
+    assert got == [len(rollout.render(r, prompts.SRPO_SYSTEM, processor, 0)["ids"]) for r in records]
+
+
+def test_rl_records_are_checked_at_load_time(tiny_dir, tmp_path):
+    """Too long a prompt (images included), too many images for vLLM, an unreadable image: refused when the file is
+    read, naming its file, line and field, not when a rollout meets the record."""
+    from nanosrpo import prompts
+
+    _, processor = model.load_policy(str(tiny_dir))
+    paths = _sized_images(tmp_path)
+    rows = [{"id": "a", "question": "q", "answer": "1", "image": paths[0]},
+            {"id": "b", "question": "q", "answer": "1", "image": paths[5]}]  # 640 x 480 px: many vision tokens
+    path = _rl_file(tmp_path, rows)
+    short, long_ = data.prompt_lengths(processor, prompts.SRPO_SYSTEM, data.load_rl_records(path))
+    limits = {"processor": processor, "system": prompts.SRPO_SYSTEM}
+    assert len(data.load_rl_records(path, max_prompt_length=long_, **limits)) == 2
+    with pytest.raises(data.DataError, match=rf"{path}:2: fields 'question'/'image': the prompt is {long_} tokens"):
+        data.load_rl_records(path, max_prompt_length=long_ - 1, **limits)
+    assert short < long_
+
+    path = _rl_file(tmp_path, [rows[0], {**rows[1], "image": paths[:2]}])
+    assert len(data.load_rl_records(path, max_images=2)) == 2
+    with pytest.raises(data.DataError, match=rf"{path}:2: field 'image': 2 images, over --vllm_max_images 1"):
+        data.load_rl_records(path, max_images=1)
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    path = _rl_file(tmp_path, [rows[0], {**rows[1], "image": str(broken)}])
+    with pytest.raises(data.DataError, match=rf"{path}:2: field 'image': cannot read image {broken}"):
+        data.load_rl_records(path)
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "image", "image": str(broken)}]},
+                                            {"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(data.DataError, match=rf"{sft}:1: field 'messages\[0\].content.image': cannot read image"):
+        data.load_sft_records(sft)
+
+
+# ----------------------------------------------------------------------------------------------------- one rank fails
+ONE_RANK_FAILS = """
+import sys, time
+sys.path.insert(0, {root!r})
+import torch
+from accelerate import Accelerator
+from nanosrpo import config
+from nanosrpo.data import DataError
+
+
+def main():
+    accelerator = Accelerator(cpu=True)
+    accelerator.reduce(torch.ones(1), "sum")  # both processes are up
+    if accelerator.process_index == 1:
+        open({stamp!r}, "w").write(str(time.time()))
+        raise DataError("rl.jsonl:7: field 'image': a bad record met mid-run")
+    accelerator.reduce(torch.ones(1), "sum")  # rank 0 waits here for a rank that never comes
+    time.sleep(600)
+
+
+config.run(main)
+"""
+
+
+@pytest.mark.slow
+def test_one_rank_data_error_ends_every_rank_with_its_line(tmp_path):
+    """accelerate launch, 2 CPU processes: rank 1 raises a DataError while rank 0 sits in a collective. The launch
+    must end within seconds of the error, non-zero, and the launcher's failure summary (its last lines) must name
+    the error's one line as the root cause."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script, stamp = tmp_path / "one_rank_fails.py", tmp_path / "raised_at"
+    script.write_text(ONE_RANK_FAILS.format(root=str(ROOT), stamp=str(stamp)))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    ended = time.time()
+    out = (p.stdout + p.stderr).splitlines()
+    line = "error: rl.jsonl:7: field 'image': a bad record met mid-run"
+    assert p.returncode != 0 and line in out, "\n".join(out[-30:])
+    assert ended - float(stamp.read_text()) < 30, ended - float(stamp.read_text())
+    tail = [s.strip() for s in out[-4:]]
+    assert f"traceback : {line}" in tail, "\n".join(out[-30:])
+
+
+def test_train_grpo_refuses_a_long_prompt_before_the_first_step(tiny_dir, tmp_path):
+    """The record-loading lines of train_grpo.py pass the limits: one line naming file and line, no step taken."""
+    import subprocess
+    import sys
+
+    from nanosrpo import synthetic
+    from tests.conftest import ROOT
+
+    path = synthetic.write_rl_split(tmp_path, "rl", 3, seed=0)
+    rows = path.read_text().splitlines()
+    rows[1] = json.dumps({**json.loads(rows[1]), "question": "how many? " * 400})
+    path.write_text("\n".join(rows) + "\n")
+    p = subprocess.run([sys.executable, "train_grpo.py", "--model", str(tiny_dir), "--data", str(path), "--eval_data",
+                        "", "--out_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    lines = [s for s in p.stderr.splitlines() if s.strip()]
+    assert p.returncode == 2 and not any("Traceback" in s for s in lines), p.stderr[-2000:]
+    assert lines[-1].startswith(f"error: {path}:2: fields 'question'/'image': the prompt is "), lines[-1]
+    assert lines[-1].endswith("over --max_prompt_length 1024; raise it, lower --max_pixels, or drop the record")
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
