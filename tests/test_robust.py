@@ -52,10 +52,10 @@ LAYOUTS = {"padded": lambda proc, s: data.collate(proc, s, share_images=True),
            "packed": lambda proc, s: data.packed_batch(proc, s, share_images=True)}
 
 
-def _mixed_worker(rank, world, port, path, result_dir):
+def _mixed_worker(rank, world, port, path, result_dir, frozen):
     """Rank 0 trains on micro-batches with images, rank 1 on text-only ones, through a policy sharded as accelerate's
-    FSDP config shards it (each decoder layer and vision block a unit), vision tower trainable. Every layout; the
-    averaged sharded gradient must equal the unsharded one over both ranks' micro-batches."""
+    FSDP config shards it (each decoder layer and vision block a unit), vision tower trainable or frozen. Every
+    layout; the averaged sharded gradient must equal the unsharded one over both ranks' micro-batches."""
     _init(rank, world, port)
     from tests.test_shared_prompt import _groups
 
@@ -67,10 +67,13 @@ def _mixed_worker(rank, world, port, path, result_dir):
         return -(grpo.sequence_logprobs(m, batch) * batch["loss_mask"]).sum() / n_tokens
 
     unsharded, _ = model.load_policy(path)
+    if frozen:
+        model.freeze_vision(policy)
+        model.freeze_vision(unsharded)
     for samples in per_rank:
         loss(unsharded, data.collate(processor, samples, share_images=True)).backward()
     want = {n: p.grad for n, p in unsharded.named_parameters() if p.grad is not None}
-    assert any(".visual.blocks.0." in f".{n}" for n in want)
+    assert any(".visual.blocks.0." in f".{n}" for n in want) != frozen
 
     model.shard_like_fsdp(policy)
     for layout, make in LAYOUTS.items():
@@ -87,10 +90,13 @@ def _mixed_worker(rank, world, port, path, result_dir):
     torch.distributed.destroy_process_group()
 
 
-def test_fsdp_ranks_with_and_without_images_do_not_hang(tiny_dir, tmp_path):
-    """Without the image-free vision pass, rank 1 skips the vision blocks' all-gathers that rank 0 issues, and the
-    pair hangs (or gloo pairs mismatched collectives): the deadline turns that into a failure."""
-    spawn_with_deadline(_mixed_worker, (str(tiny_dir), tmp_path), deadline_s=240)
+@pytest.mark.parametrize("frozen", [False, True])
+def test_fsdp_ranks_with_and_without_images_do_not_hang(tiny_dir, tmp_path, frozen):
+    """Without the image-free vision pass, rank 1 skips the vision blocks' all-gathers that rank 0 issues (and, with
+    a trainable tower, their gradients' reduce-scatters): NCCL waits until its timeout, gloo aborts on the mismatched
+    sizes. The
+    deadline turns a hang into a failure."""
+    spawn_with_deadline(_mixed_worker, (str(tiny_dir), tmp_path, frozen), deadline_s=240)
     assert (tmp_path / "ok-0").exists() and (tmp_path / "ok-1").exists()
 
 
