@@ -94,8 +94,7 @@ def _mixed_worker(rank, world, port, path, result_dir, frozen):
 def test_fsdp_ranks_with_and_without_images_do_not_hang(tiny_dir, tmp_path, frozen):
     """Without the image-free vision pass, rank 1 skips the vision blocks' all-gathers that rank 0 issues (and, with
     a trainable tower, their gradients' reduce-scatters): NCCL waits until its timeout, gloo aborts on the mismatched
-    sizes. The
-    deadline turns a hang into a failure."""
+    sizes. The deadline turns a hang into a failure."""
     spawn_with_deadline(_mixed_worker, (str(tiny_dir), tmp_path, frozen), deadline_s=240)
     assert (tmp_path / "ok-0").exists() and (tmp_path / "ok-1").exists()
 
