@@ -41,10 +41,16 @@ def main(argv=None):
     # ---- the policy and the data (the tiny world is built on first use, one process at a time)
     with accelerator.main_process_first():  # SRPO starts from the reflection cold start; the GRPO baseline from base
         paths = tiny.resolve(cfg, policy="reflect" if two_round else "base")
-        records = data.load_rl_records(paths["data"], cfg.image_dir or None)
-        eval_records = data.load_rl_records(paths["eval_data"], cfg.image_dir or None)[: cfg.eval_size] if paths["eval_data"] else []
     policy, processor = model.load_policy(paths["model"], attn_implementation=cfg.attn_implementation)
     model.set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
+    # Every record is checked here, on every process, before the first step: a prompt over --max_prompt_length (image
+    # tokens counted from the images' sizes) or with more images than vLLM takes would otherwise stop one process
+    # mid-run while the others wait for it in a collective. (Eval prompts are not capped, only vLLM's image count.)
+    max_images = cfg.vllm_max_images if cfg.engine == "vllm" else 0
+    records = data.load_rl_records(paths["data"], cfg.image_dir or None, processor, system, cfg.max_prompt_length,
+                                   max_images)
+    eval_records = (data.load_rl_records(paths["eval_data"], cfg.image_dir or None, max_images=max_images)
+                    [: cfg.eval_size] if paths["eval_data"] else [])
     tok = data.tokenizer_of(processor)
     if cfg.freeze_vision and model.is_multimodal(policy):
         model.freeze_vision(policy)

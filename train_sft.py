@@ -36,14 +36,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from nanosrpo import checkpoint, config, data, grpo, log, model, optim, tiny
-from nanosrpo.data import IGNORE
 
 
 def main(argv=None):
@@ -79,7 +77,7 @@ def main(argv=None):
 
     # ---- records -> token ids + assistant-only loss mask. Images are re-read per batch, not held in memory.
     records = data.load_sft_records(data_path, cfg.image_dir or None)
-    samples, chunk = [], 64  # tokenized a chunk at a time (data.tokenize_chats: the same ids, ~2x faster)
+    samples, chunk = [], 64  # a chunk at a time (data.tokenize_chats: image tokens counted from the image sizes)
     for start in tqdm(range(0, len(records), chunk), desc=f"tokenizing ({chunk} a chunk)", disable=not is_main):
         part = records[start : start + chunk]
         for rec, s in zip(part, data.tokenize_chats(processor, [r["messages"] for r in part])):
@@ -152,15 +150,12 @@ def main(argv=None):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             real = batch["seq_lens"].sum().item() if packed else batch["attention_mask"].sum().item()
             n_real, n_padded = n_real + real, n_padded + (real if packed else batch["attention_mask"].numel())
-            inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_mask", "seq_lens")}
-            if packed:  # per-sample (M-RoPE) positions; no KV cache (with one, transformers ignores the packing)
-                inputs.update(position_ids=grpo.packed_position_ids(policy, batch), use_cache=False)
             with optim.grad_sync(accelerator, policy, last=i == len(mine) - 1), accelerator.autocast():
-                logits = policy(**inputs).logits[:, :-1]
-                targets = batch["labels"][:, 1:]
-                mb_loss = F.cross_entropy(
-                    logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
-                )
+                # GRPO's log-probs (grpo.sequence_logprobs: float32 a chunk of positions at a time, never the full
+                # vocabulary's logits for the batch; packed rows unpacked) at temperature 1: the cross-entropy summed
+                # over assistant tokens. [B, T], right-padded; a sequence's first token is never a target.
+                lp = grpo.sequence_logprobs(policy, batch)
+                mb_loss = -(lp * batch["loss_mask"])[:, 1:].sum()
                 # DDP/FSDP average gradients over processes; multiplying by `world` turns that average into the sum.
                 accelerator.backward(mb_loss * world / n_target)
             loss_sum += mb_loss.detach()

@@ -5,7 +5,10 @@ file's keys are the field names), and `--preset NAME` (the paper's settings), ap
 CLI flags > YAML > preset > defaults. Everything a run decides is written next to its outputs (see log.write_run_info).
 """
 
+import json
+import os
 import sys
+import time
 from dataclasses import asdict, dataclass, field, fields
 
 import yaml
@@ -295,14 +298,35 @@ def parse(cls, argv: list[str] | None = None):
 
 def run(main) -> None:
     """Call a script's main(); a user's mistake (bad data, a model that is not there) ends in one line and exit
-    status 2, not a traceback. Everything else is a bug and keeps its traceback."""
+    status 2, not a traceback. Everything else is a bug and keeps its traceback.
+
+    One of several processes (a launcher's WORLD_SIZE > 1): the others may sit in a collective this one will never
+    enter, so it leaves at once (os._exit: no atexit handler or process-group destructor may wait on them), and the
+    launcher (torchrun, accelerate launch) stops the rest within seconds when it sees the exit. The line also goes to
+    the launcher's error file, so the failure summary it prints last shows it as the root cause. A one-line
+    SystemExit (a refused option) leaves the same way, with status 1."""
     from nanosrpo.data import DataError
 
     try:
         main()
     except (DataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error: {e}", 2)
+    except SystemExit as e:
+        if isinstance(e.code, str) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            _fail(e.code, 1)
+        raise
+
+
+def _fail(line: str, status: int) -> None:
+    print(line, file=sys.stderr, flush=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(status)
+    if error_file := os.environ.get("TORCHELASTIC_ERROR_FILE"):  # torch.distributed.elastic's per-worker error file
+        info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+        with open(error_file, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": info}}, f)
+    sys.stdout.flush()
+    os._exit(status)
 
 
 def grpo_update_plan(cfg, world: int) -> tuple[int, int]:

@@ -44,13 +44,30 @@ def _image_path(value, where: str, field: str, image_dir: Path) -> str:
     p = Path(value) if Path(value).is_absolute() else image_dir / value
     if not p.is_file():
         raise DataError(f"{where}: field '{field}': image file not found: {p}")
+    image_size(p, where, field)  # readable: its header parses (no pixels are decoded)
     return str(p)
 
 
-def load_rl_records(path: str | Path, image_dir: str | Path | None = None) -> list[dict]:
+def image_size(path, where: str = "", field: str = "image") -> tuple[int, int]:
+    """(height, width) of an image file, read from its header: PIL decodes no pixels until they are asked for."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"{where or path}: field '{field}': cannot read image {path} ({type(e).__name__}: {e})") \
+            from None
+    return height, width
+
+
+def load_rl_records(path: str | Path, image_dir: str | Path | None = None, processor=None, system: str = "",
+                    max_prompt_length: int = 0, max_images: int = 0) -> list[dict]:
     """Read and validate RL/eval records. Images resolve against image_dir (default: the file's folder).
 
-    Gold answers are checked once here (rewards.validate_gold), never per rollout.
+    Gold answers are checked once here (rewards.validate_gold), never per rollout. So are the limits a record would
+    otherwise break hours into a run, on one process, while the others wait for it in a collective: max_images
+    (vLLM's images per prompt; 0: no cap) and, given the processor (its pixel bounds set) and the system prompt,
+    max_prompt_length (the rendered prompt's tokens, image tokens included; 0: no cap), counted as render_prompt counts
+    them but from the images' headers (prompt_lengths), so a large dataset is checked in seconds.
     """
     from nanosrpo.rewards import validate_gold
 
@@ -58,7 +75,7 @@ def load_rl_records(path: str | Path, image_dir: str | Path | None = None) -> li
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     image_dir = Path(image_dir) if image_dir else path.parent
-    records, seen = [], set()
+    records, wheres, seen = [], [], set()
     for lineno, rec in _read_jsonl(path):
         where = f"{path}:{lineno}"
         for field in ("question", "answer"):
@@ -73,6 +90,8 @@ def load_rl_records(path: str | Path, image_dir: str | Path | None = None) -> li
         if not isinstance(images, list):
             raise DataError(f"{where}: field 'image' must be a path or a list of paths")
         images = [_image_path(v, where, "image", image_dir) for v in images]
+        if max_images and len(images) > max_images:
+            raise DataError(f"{where}: field 'image': {len(images)} images, over --vllm_max_images {max_images}")
         choices = rec.get("choices")
         if choices is not None and (not isinstance(choices, list) or not choices or len(choices) > len(LETTERS)):
             raise DataError(f"{where}: field 'choices' must be a non-empty list of at most {len(LETTERS)} options")
@@ -82,9 +101,31 @@ def load_rl_records(path: str | Path, image_dir: str | Path | None = None) -> li
         except ValueError as e:
             raise DataError(f"{where}: field 'answer': {e}") from None
         records.append({"id": rid, "question": str(rec["question"]), "images": images, "answer": answer, "choices": choices})
+        wheres.append(where)
     if not records:
         raise DataError(f"{path}: no records")
+    if processor is not None and max_prompt_length:
+        for where, n in zip(wheres, prompt_lengths(processor, system, records)):
+            if n > max_prompt_length:
+                raise DataError(f"{where}: fields 'question'/'image': the prompt is {n} tokens (images included), "
+                                f"over --max_prompt_length {max_prompt_length}; raise it, lower --max_pixels, or drop "
+                                f"the record")
     return records
+
+
+def prompt_lengths(processor, system: str, records: list[dict], chunk: int = 256) -> list[int]:
+    """len(render_prompt(rec, system, processor)["ids"]) of each record, without loading an image: the chat text's
+    tokens (the tokenizer, a chunk of records at a time), each <|image_pad|> counted as its image's vision tokens
+    (image_tokens, from the image's size)."""
+    tok = tokenizer_of(processor)
+    lengths = []
+    for start in range(0, len(records), chunk):
+        part = records[start : start + chunk]
+        texts = [prompt_text(rec, system, processor) for rec in part]
+        for rec, ids in zip(part, tok(texts, add_special_tokens=False)["input_ids"]):
+            sizes = [image_size(p) for p in rec["images"]]
+            lengths.append(len(ids) + sum(image_tokens(processor, *hw) - 1 for hw in sizes))
+    return lengths
 
 
 def question_text(rec: dict) -> str:
@@ -104,9 +145,14 @@ def prompt_messages(rec: dict, system: str) -> list[dict]:
 def render_prompt(rec: dict, system: str, processor) -> dict:
     """An RL record as an engine prompt: the rendered chat text (one <|image_pad|> per image), its images, and the
     expanded token ids the trainer will see (each <|image_pad|> repeated once per vision token)."""
-    text = processor.apply_chat_template(prompt_messages(rec, system), tokenize=False, add_generation_prompt=True)
+    text = prompt_text(rec, system, processor)
     images = [load_image(p) for p in rec["images"]]
     return {"text": text, "images": images, "ids": encode(processor, text, images)}
+
+
+def prompt_text(rec: dict, system: str, processor) -> str:
+    """The rendered chat text of an RL prompt, ending with the assistant header the policy continues from."""
+    return processor.apply_chat_template(prompt_messages(rec, system), tokenize=False, add_generation_prompt=True)
 
 
 def load_image(path: str) -> Image.Image:
@@ -191,10 +237,39 @@ def tokenizer_of(processor):
 
 
 def encode(processor, text: str, images: list[Image.Image]) -> list[int]:
-    """Token ids of rendered chat text, each <|image_pad|> expanded to the image's number of vision tokens."""
-    if images:
-        return processor(text=[text], images=images, return_tensors="pt")["input_ids"][0].tolist()
-    return tokenizer_of(processor)(text, add_special_tokens=False)["input_ids"]
+    """Token ids of rendered chat text, each <|image_pad|> expanded to the image's number of vision tokens: the ids
+    processor(text, images) gives, without running the image processor (expand_image_tokens)."""
+    ids = tokenizer_of(processor)(text, add_special_tokens=False)["input_ids"]
+    return expand_image_tokens(processor, ids, [(im.height, im.width) for im in images])
+
+
+def image_tokens(processor, height: int, width: int) -> int:
+    """Vision tokens of an image of height x width: the image processor's own resize / patch / merge arithmetic
+    (smart_resize within its pixel bounds, patch_size patches, merge_size x merge_size merged; the method vLLM uses to
+    count placeholders), with no pixel read."""
+    ip = processor.image_processor
+    try:
+        return ip.get_number_of_image_patches(height, width) // ip.merge_size**2
+    except ValueError as e:  # smart_resize refuses aspect ratios over 200
+        raise DataError(f"an image of {width}x{height} pixels: {e}") from None
+
+
+def expand_image_tokens(processor, ids: list[int], sizes: list[tuple[int, int]]) -> list[int]:
+    """ids with the k-th <|image_pad|> repeated image_tokens(sizes[k]) times, as the processor expands its text.
+
+    The same ids as processor(text, images)["input_ids"] (tests/test_robust.py): <|image_pad|> is a special token, so
+    the text around it tokenizes alike whether it stands once or n times."""
+    if not sizes:
+        return list(ids)
+    pad = tokenizer_of(processor).convert_tokens_to_ids("<|image_pad|>")
+    at = [i for i, t in enumerate(ids) if t == pad]
+    if len(at) != len(sizes):
+        raise DataError(f"{len(sizes)} images but {len(at)} <|image_pad|> tokens in the rendered chat")
+    out, prev = [], 0
+    for i, hw in zip(at, sizes):
+        out += ids[prev:i] + [pad] * image_tokens(processor, *hw)
+        prev = i + 1
+    return out + ids[prev:]
 
 
 def assistant_mask(ids: list[int], tokenizer) -> list[int]:
@@ -228,24 +303,15 @@ def tokenize_chat(processor, messages: list[dict]) -> dict:
 def tokenize_chats(processor, chats: list[list[dict]]) -> list[dict]:
     """{"input_ids", "loss_mask"} of each full chat (SFT), tokenized together: the ids encode() gives each one alone.
 
-    Why together: one processor call per chat spends most of its time on per-call overhead (~340 chats/s here); one
-    call per chunk lets the tokenizer's batch encoding and the image processor work on many at once (train_sft.py
-    tokenizes its whole dataset before the first step). Chats without images go through the tokenizer alone, as in
-    encode().
+    Why together: one tokenizer call per chunk of chats uses its batch encoding (train_sft.py tokenizes its whole
+    dataset on every process before the first step). No image is decoded or processed: each image's token count
+    comes from its size in the file's header (expand_image_tokens); the pixels are read per micro-batch (collate).
     """
     tok = tokenizer_of(processor)
     texts = [processor.apply_chat_template(m, tokenize=False) for m in chats]
-    image_lists = [[load_image(p) for p in message_images(m)] for m in chats]
-    with_images = [i for i, ims in enumerate(image_lists) if ims]
-    ids: list[list[int] | None] = [None] * len(chats)
-    if with_images:
-        out = processor(text=[texts[i] for i in with_images], images=[im for i in with_images for im in image_lists[i]])
-        for i, row in zip(with_images, out["input_ids"]):
-            ids[i] = list(row)
-    plain = [i for i, ims in enumerate(image_lists) if not ims]
-    if plain:
-        for i, row in zip(plain, tok([texts[i] for i in plain], add_special_tokens=False)["input_ids"]):
-            ids[i] = list(row)
+    rows = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    sizes = [[image_size(p) for p in message_images(m)] for m in chats]
+    ids = [expand_image_tokens(processor, row, hw) for row, hw in zip(rows, sizes)]
     return [{"input_ids": x, "loss_mask": assistant_mask(x, tok)} for x in ids]
 
 

@@ -201,8 +201,8 @@ def _shared_prompt_logprobs(model, batch: dict, chunk_size: int, temperature: fl
     """
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
     inputs["position_ids"] = shared_position_ids(model, batch)
-    logits = model(**inputs, shared_prompt=batch["shared_prompt"], logits_to_keep=batch["logits_to_keep"],
-                   use_cache=False).logits  # [rows, kept positions, V]
+    logits = model_logits(model, inputs, shared_prompt=batch["shared_prompt"],
+                          logits_to_keep=batch["logits_to_keep"])  # [rows, kept positions, V]
     use_ckpt = torch.is_grad_enabled() and logits.requires_grad
     parts = []
     for s in range(0, len(batch["targets"]), chunk_size):
@@ -304,7 +304,7 @@ def logits_sharing_images(model, inputs: dict, image_index: Optional[torch.Tenso
     gathered its parameters. No image_index: the plain forward.
     """
     if image_index is None:
-        return model(**inputs, use_cache=False).logits
+        return model_logits(model, inputs)
     module = unwrap(model)
     vl = module.model  # Qwen2_5_VLModel: its forward calls self.get_image_features(pixel_values, image_grid_thw, ...)
     encode, index = vl.get_image_features, image_index.tolist()
@@ -317,9 +317,56 @@ def logits_sharing_images(model, inputs: dict, image_index: Optional[torch.Tenso
 
     vl.get_image_features = get_image_features
     try:
-        return model(**inputs, use_cache=False).logits
+        return model_logits(model, inputs)
     finally:
         del vl.get_image_features  # the class's own method again
+
+
+def model_logits(model, inputs: dict, **kwargs) -> torch.Tensor:
+    """model(**inputs, use_cache=False, **kwargs).logits: every training forward of a micro-batch goes through here,
+    so that an image-free micro-batch of a multimodal model still runs the vision tower where needed (below)."""
+    if not _needs_vision_pass(model, inputs):
+        return model(**inputs, use_cache=False, **kwargs).logits
+    vl = unwrap(model).model  # Qwen2_5_VLModel: .visual (the tower), .language_model (the decoder)
+
+    def hook(module, args, kwargs):
+        return _vision_pass(vl.visual, args, kwargs)
+
+    handle = vl.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        return model(**inputs, use_cache=False, **kwargs).logits
+    finally:
+        handle.remove()
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _needs_vision_pass(model, inputs: dict) -> bool:
+    """An image-free micro-batch of a multimodal model, on one of several processes.
+
+    Why: transformers runs the vision tower only when pixel_values are given. Under FSDP every vision block is its
+    own unit, whose forward all-gathers its parameters and whose backward reduce-scatters its gradients; a process
+    whose micro-batch has no image would skip those collectives while the others wait in them: a hang (DDP: an
+    unused-parameter error). On one process nothing waits, so nothing is added there and a text-only micro-batch
+    trains exactly as before (with a trainable tower its gradients stay None rather than zeros, which AdamW's weight
+    decay would see).
+    """
+    return "pixel_values" not in inputs and hasattr(unwrap(model).config, "vision_config") and _world_size() > 1
+
+
+def _vision_pass(visual, args, kwargs):
+    """Forward pre-hook of the language model, so inside the multimodal model's forward, where FSDP has gathered the
+    root's parameters (each vision block gathers its own): encode one smallest blank image (4 patches, one merged
+    token) and add its features times 0 to the input embeddings. The numbers do not change, and backward reaches
+    every vision block (a zero gradient when the tower trains), so every process runs the same collectives."""
+    c, m = visual.config, visual.spatial_merge_size
+    embeds = kwargs["inputs_embeds"]
+    pixels = torch.zeros(m * m, c.in_channels * c.temporal_patch_size * c.patch_size**2, device=embeds.device)
+    features = visual(pixels.type(visual.dtype), grid_thw=torch.tensor([[1, m, m]], device=embeds.device)).pooler_output
+    kwargs["inputs_embeds"] = embeds + 0.0 * features.sum().to(embeds.dtype)
+    return args, kwargs
 
 
 def unwrap(model):

@@ -68,7 +68,10 @@ def _keep(scores: list[dict], cfg) -> bool:
 
 
 def render(rec: dict, system: str, processor, max_prompt_length: int) -> dict:
-    """data.render_prompt, refusing a prompt longer than max_prompt_length tokens (images included; 0: no cap)."""
+    """data.render_prompt, refusing a prompt longer than max_prompt_length tokens (images included; 0: no cap).
+
+    train_grpo.py refuses such records when it loads them (data.load_rl_records counts the same ids from the images'
+    sizes), before the first step; this check stays for callers that pass records of their own."""
     prompt = data.render_prompt(rec, system, processor)
     if max_prompt_length and len(prompt["ids"]) > max_prompt_length:
         raise DataError(f"record {rec['id']!r}: the prompt is {len(prompt['ids'])} tokens (images included), over "

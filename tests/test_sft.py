@@ -146,3 +146,43 @@ def test_ddp_on_cpu_matches_one_process(tiny_dir, sft_file, tmp_path):
     for a, b in zip(ddp, one):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     assert len(list((tmp_path / "ddp" / "checkpoint-3" / "state").glob("random_states_*.pkl"))) == 2
+
+
+def test_loss_equals_the_full_vocabulary_cross_entropy(tiny_dir, sft_file, tmp_path, monkeypatch):
+    """train_sft.py's loss comes from grpo.sequence_logprobs (chunked float32 log-probs, one path with GRPO); it must
+    be the old one, the full-vocabulary fp32 cross-entropy summed over assistant targets and divided by their number,
+    to 1e-6: the first step's loss (all 8 records in one micro-batch, initial weights) and its gradient norm."""
+    import torch.nn.functional as F
+
+    from nanosrpo import grpo
+
+    calls, scored = [], grpo.sequence_logprobs
+    monkeypatch.setattr(grpo, "sequence_logprobs", lambda *a, **k: calls.append(1) or scored(*a, **k))
+    out = tmp_path / "one"
+    train_sft.main(["--model", str(tiny_dir), "--data", str(sft_file), "--out_dir", str(out), "--max_steps", "1",
+                    "--batch_size", "8", "--save_every", "0"])
+    got = _metrics(out)[0]
+    assert calls == [1]
+    monkeypatch.undo()
+
+    policy, processor = model.load_policy(str(tiny_dir))
+    model.freeze_vision(policy)
+    samples = [data.tokenize_chat(processor, r["messages"]) for r in data.load_sft_records(sft_file)]
+    assert len(samples) == 8
+    batch = data.collate(processor, samples)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_mask")}
+    logits = policy(**inputs).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    loss = loss / (targets != IGNORE).sum()
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.grad is not None], float("inf"))
+    assert got["loss"] == pytest.approx(loss.item(), abs=1e-6)
+    assert got["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
+
+    # the packed layout (flash-attention's, here through sdpa's block mask) scores the same targets
+    packed = data.packed_batch(processor, [{**s, "images": s["images"]} for s in samples])
+    lp = grpo.sequence_logprobs(policy, packed)
+    with torch.no_grad():
+        assert (-(lp * packed["loss_mask"])[:, 1:].sum() / (targets != IGNORE).sum()).item() == pytest.approx(
+            loss.item(), abs=1e-6)
