@@ -131,9 +131,11 @@ def main(argv=None):
             order = [g * cfg.group_size + j for g in torch.randperm(len(samples) // cfg.group_size, generator=order_gen).tolist()
                      for j in range(cfg.group_size)]
             for update in (order[u : u + per_update] for u in range(0, len(order), per_update)):
-                # the aggregation's denominator over the whole update, all processes: its tokens or its sequences
-                mine = sum(sum(samples[i]["loss_mask"]) for i in update) if cfg.aggregation == "token-mean" else len(update)
+                # the aggregation's denominator over the whole update, all processes: its loss tokens or its sequences
+                # (top-up groups have none: rollout.collect); an update of top-ups alone has loss 0, not 0 / 0
+                mine = rollout.loss_count(samples, update, cfg.aggregation)
                 normalizer = accelerator.reduce(torch.tensor(float(mine), device=accelerator.device), "sum").item()
+                normalizer = max(1.0, normalizer)
                 n_micro = math.ceil(len(update) / cfg.micro_batch_size)  # collated one at a time, as they are used
                 for j, (idx, mb) in enumerate(data.micro_batches(samples, cfg.micro_batch_size, processor, accelerator.device, update, layout)):
                     with optim.grad_sync(accelerator, policy, last=j == n_micro - 1), accelerator.autocast():
@@ -148,6 +150,7 @@ def main(argv=None):
                             lp, old, advantages[idx].to(lp.device), mb["loss_mask"], clip_low=cfg.clip_low,
                             clip_high=cfg.clip_high, ref_logprobs=ref, kl_coef=cfg.kl_coef, aggregation=cfg.aggregation,
                             max_len=cfg.max_new_tokens, token_weights=tis, normalizer=normalizer,
+                            ratio_cap=cfg.ratio_cap,
                         )
                         accelerator.backward(loss * world)  # DDP/FSDP average gradients over processes: * world sums
                     loss_sum += loss.item()
@@ -172,7 +175,8 @@ def main(argv=None):
             time_train_s=t_train,
             time_sync_s=t_sync,
             tokens_per_s=counts[3] / (time.time() - t0),
-            **{k: sum(s[k] for s in stats_all) / len(stats_all) for k in ("clip_ratio_low", "clip_ratio_high", "kl")},
+            **{k: sum(s[k] for s in stats_all) / len(stats_all)
+               for k in ("clip_ratio_low", "clip_ratio_high", "ratio_capped", "kl")},
         )
         if m["short_groups"]:
             accelerator.print(f"warning: step {step + 1}: dynamic sampling drew --max_draws {cfg.max_draws} batches and "

@@ -156,6 +156,9 @@ class GRPOConfig(EngineConfig, TrainConfig):
     aggregation: str = field(default="seq-mean-token-mean", metadata={"help": "seq-mean-token-mean | token-mean | seq-mean-token-sum-norm"})
     normalize_std: bool = field(default=True, metadata={"help": "divide advantages by the group std (False: Dr. GRPO)"})
     tis_cap: float = field(default=0.0, metadata={"help": "truncated importance sampling for engine/trainer log-prob mismatch: cap (e.g. 3.0); 0 = off"})
+    ratio_cap: float = field(default=0.0, metadata={"help": "clamp the importance ratio at this before the PPO clip "
+                             "(dual-clip: a token with a negative advantage stops pushing past it; reference: 3.0); "
+                             "0 = none, else above 1 + clip_high"})
     # --- length of the run, logging, checkpoints
     max_steps: int = _default(TrainConfig, "max_steps", 40)
     epochs: float = _default(TrainConfig, "epochs", 1.0)
@@ -165,6 +168,12 @@ class GRPOConfig(EngineConfig, TrainConfig):
     save_every: int = _default(TrainConfig, "save_every", 20)
     report_to: str = field(default="", metadata={"help": "accelerate trackers: tensorboard, wandb, ... ('' = none)"})
     plot: bool = field(default=True, metadata={"help": "draw training-dynamics PNGs at the end (needs matplotlib)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ratio_cap < 0 or 0 < self.ratio_cap <= 1 + self.clip_high:  # it would stop positive advantages too
+            raise SystemExit(f"--ratio_cap must be 0 (none) or above 1 + --clip_high = {1 + self.clip_high:g}, "
+                             f"got {self.ratio_cap:g}")
 
 
 @dataclass
@@ -217,7 +226,7 @@ class EvalConfig(EngineConfig, CommonConfig):
 PRESETS: dict[str, dict[str, dict]] = {"qwen2.5-vl-7b": {}}
 # The paper's GRPO stage (SRPO Sec. 4 / released OpenRLHF config): group 8, 128 prompts per rollout, 128 sequences
 # per update, lr 1e-6, temperature 1.0, max response 2048, 3 epochs (passes over the RL data), alpha 0.1, accuracy
-# filter 0.1-0.9, frozen ViT.
+# filter 0.1-0.9, importance ratio capped at 3, frozen ViT.
 PRESETS["qwen2.5-vl-7b"]["GRPOConfig"] = {
     "group_size": 8,
     "rollout_batch_size": 128,  # 128 prompts x 8 = 1024 sequences per step: 8 updates of 128
@@ -238,6 +247,7 @@ PRESETS["qwen2.5-vl-7b"]["GRPOConfig"] = {
     "filter_accuracy": True,
     "filter_low": 0.1,
     "filter_high": 0.9,
+    "ratio_cap": 3.0,  # the reference's policy loss clamps the importance ratio at 3 before the clip
     "freeze_vision": True,
     "gradient_checkpointing": True,
     "engine": "vllm",

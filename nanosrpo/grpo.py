@@ -73,6 +73,7 @@ def policy_loss(
     max_len: Optional[int] = None,
     token_weights: Optional[torch.Tensor] = None,
     normalizer: Optional[float] = None,
+    ratio_cap: float = 0.0,
 ) -> tuple[torch.Tensor, dict]:
     """The clipped surrogate loss of GRPO (PPO's objective with group-relative advantages), to be minimised.
 
@@ -86,6 +87,11 @@ def policy_loss(
     seq-mean variants). The caller sums the micro-batch losses (backward of each) and multiplies by the number of
     processes (DDP/FSDP average gradients over them); the gradient is then exactly the whole update's. Default: this
     batch alone (its own valid tokens, or its B sequences).
+    ratio_cap: the importance ratio is clamped at this value before the clip (0: no cap), as the reference's policy
+    loss does with 3 (dual-clip PPO). It acts only on a token with A < 0 whose ratio ran past the cap: its term stays
+    -cap * A and its gradient is 0, instead of pushing the token down ever harder (with A > 0 the clip already stopped
+    it at 1 + clip_high). Off-policy updates (several per step) are where ratios get that large. A cap at or below
+    1 + clip_high would also stop tokens with A > 0 inside the clip range: the config refuses one.
     Returns (scalar loss, stats) where stats are python floats over the valid tokens.
     """
     if aggregation not in AGGREGATIONS:
@@ -98,8 +104,9 @@ def policy_loss(
     # would leak into the loss and its gradient (torch.where passes no gradient to the unselected branch).
     log_ratio = torch.where(valid, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
     ratio = torch.exp(log_ratio)  # PPO / GRPO importance ratio pi_theta / pi_old, per token
-    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)  # DAPO clip-higher: separate low and high epsilons
-    per_token = -torch.min(ratio * A, clipped * A)  # GRPO eq. 3: pessimistic (min) of unclipped and clipped surrogate
+    r = ratio.clamp(max=ratio_cap) if ratio_cap > 0 else ratio  # the cap: no gradient flows through the clamp past it
+    clipped = torch.clamp(r, 1.0 - clip_low, 1.0 + clip_high)  # DAPO clip-higher: separate low and high epsilons
+    per_token = -torch.min(r * A, clipped * A)  # GRPO eq. 3: pessimistic (min) of unclipped and clipped surrogate
     if token_weights is not None:  # truncated importance sampling (TIS): engine != trainer numerics
         per_token = per_token * torch.where(valid, token_weights.detach(), torch.zeros_like(logprobs))
 
@@ -124,10 +131,12 @@ def policy_loss(
         n = m.sum().clamp(min=1.0)
         low = (A < 0) & (ratio < 1.0 - clip_low) & valid  # clipped branch active on the low side: gradient is 0
         high = (A > 0) & (ratio > 1.0 + clip_high) & valid  # ... and on the high side
+        capped = (A < 0) & (ratio > ratio_cap) & valid if ratio_cap > 0 else torch.zeros_like(valid)  # the cap acts
         stats = {
             "clip_ratio_low": (low.sum() / n).item(),
             "clip_ratio_high": (high.sum() / n).item(),
             "clip_ratio": ((low | high).sum() / n).item(),
+            "ratio_capped": (capped.sum() / n).item(),
             "ratio_mean": ((ratio * m).sum() / n).item(),
             "kl": ((kl * m).sum() / n).item(),  # 0.0 without a reference model
         }
@@ -258,11 +267,12 @@ def packed_position_ids(model, batch: dict) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------- filtering
 def keep_group(rewards: list[float], accuracies: list[float], low: float = 0.1, high: float = 0.9) -> bool:
     """The accuracy filter of the SRPO runs (DAPO-style dynamic sampling): a prompt's group is trained on only if its
-    mean accuracy lies in [low, high] and its rewards are not all equal (an all-equal group has zero advantages and
-    carries no signal; a too-easy or too-hard prompt mostly wastes a slot in the batch). `accuracies` are each
-    rollout's accuracy reward as a fraction of its largest value (see rewards.ACCURACY_MAX)."""
+    mean accuracy lies in [low, high] and neither its accuracies nor its rewards are all equal. `accuracies` are each
+    rollout's accuracy score in [0, 1] (rollout.accuracy_score). A group whose scores are all equal has nothing to
+    learn about being right, even inside the bounds: its advantages would come from format and length alone (or be
+    zero, when its rewards are equal too); a too-easy or too-hard prompt mostly wastes a slot in the batch."""
     mean_accuracy = sum(accuracies) / len(accuracies)
-    return low <= mean_accuracy <= high and max(rewards) > min(rewards)
+    return low <= mean_accuracy <= high and max(accuracies) > min(accuracies) and max(rewards) > min(rewards)
 
 
 @torch.no_grad()

@@ -6,7 +6,8 @@ The shapes that flow from here into the update, built here and nowhere else:
   group  = {"rec": an RL record (data.load_rl_records), "prompt": its engine prompt (data.render_prompt),
             "completions": group_size engine completions {"ids", "text", "logprobs"},
             "scores": per completion, the reward breakdown (rewards.KEYS) + rewards.outcome + {"tokens": length}}
-  sample = {"input_ids": prompt ids + completion ids, "loss_mask": 0 on the prompt, 1 on the completion,
+  sample = {"input_ids": prompt ids + completion ids, "loss_mask": 0 on the prompt, 1 on the completion (0 on all of a
+            top-up group's: see collect),
             "images": the prompt's images, "engine_lp": the engine's log-prob of each token (0 on the prompt),
             "group": its group's number, "prompt_len": the prompt's length (data.shared_batch lays a group out
             with one copy of its prompt)}
@@ -25,8 +26,10 @@ def collect(engine, records: list[dict], cursor: int, cfg, reward, system: str, 
     reward(text, record) -> the reward breakdown of one completion (the script's srpo_reward call).
     Dynamic sampling (cfg.filter_accuracy): a group is kept only if grpo.keep_group says so, and more prompts are drawn
     until every process has a full batch, at most cfg.max_draws times; a process still short tops up with filtered-out
-    groups whose advantages are zeroed (every process must run the same number of backward passes), and reports how
-    many as "short" so the caller can warn.
+    groups (every process must run the same number of forward and backward passes), and reports how many as "short"
+    so the caller can warn. A top-up group is there only to keep the processes in step: its advantages are zero and
+    its loss_mask is 0 everywhere, so it adds nothing to the loss (policy gradient or KL) nor to the loss's
+    denominator (loss_count): the update is the kept groups' alone, as if the batch had been full of them.
     Returns {"groups", "samples", "advantages" [N], "cursor" (the next prompt position), "filtered", "short"}.
     """
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -50,8 +53,10 @@ def collect(engine, records: list[dict], cursor: int, cfg, reward, system: str, 
     advantages = grpo.group_advantages(torch.tensor([s["total"] for g in groups for s in g["scores"]]),
                                        cfg.group_size, normalize_std=cfg.normalize_std)
     advantages[len(kept) * cfg.group_size :] = 0.0  # filtered groups that only top up a short batch teach nothing
+    learn = [int(k < len(kept)) for k in range(len(groups))]  # 0: a top-up group, no token of it is learned
     samples = [
-        {"input_ids": g["prompt"]["ids"] + c["ids"], "loss_mask": [0] * len(g["prompt"]["ids"]) + [1] * len(c["ids"]),
+        {"input_ids": g["prompt"]["ids"] + c["ids"],
+         "loss_mask": [0] * len(g["prompt"]["ids"]) + [learn[k]] * len(c["ids"]),
          "images": g["prompt"]["images"], "group": k, "prompt_len": len(g["prompt"]["ids"]),
          "engine_lp": torch.tensor([0.0] * len(g["prompt"]["ids"]) + (c["logprobs"] or [0.0] * len(c["ids"])))}
         for k, g in enumerate(groups) for c in g["completions"]
@@ -60,11 +65,36 @@ def collect(engine, records: list[dict], cursor: int, cfg, reward, system: str, 
             "filtered": len(dropped), "short": max(0, quota - len(kept))}
 
 
-def _keep(scores: list[dict], cfg) -> bool:
-    """The accuracy filter on the accuracy reward of the variant in use, as a fraction of its largest value (paper:
-    the first answer's 0 / 0.5; released code: its merged 0 / 0.25 / 0.75 / 1; GRPO: 0 / 1)."""
+def accuracy_score(score: dict, cfg) -> float:
+    """One completion's score for the accuracy filter, in [0, 1]: the reward's correctness terms, accuracy +
+    effectiveness, as a fraction of their largest sum (each sum is >= 0, so its range starts at 0).
+
+    The paper's reward splits correctness into R_acc (the first answer: 0 / 0.5) and I_eff (what the reflection did
+    to it: -0.25 ... +0.5); the released code merged the two into one "accuracy" number and filtered on that. Here the
+    sum plays that role: right->right 1, wrong->right 2/3, right->wrong 1/3, wrong->wrong and malformed 0, a one-round
+    answer 2/3 right and 0 wrong. So a group whose first answers are all wrong (or all right) but whose reflections
+    fix (or break) some of them keeps a mean inside the bounds: these are the groups that teach reflection.
+    Without I_eff (--use_effectiveness false) the reward has no term on the second answer, and the score is the first
+    answer's 0 / 1. Released code: its merged 0 / 0.25 / 0.75 / 1. GRPO: 0 / 1.
+    """
     top = rewards.ACCURACY_MAX[cfg.reward_variant]
-    return grpo.keep_group([s["total"] for s in scores], [s["accuracy"] / top for s in scores], cfg.filter_low, cfg.filter_high)
+    if cfg.reward_variant == "paper" and cfg.use_effectiveness:  # the largest R_acc + I_eff: right->right, 0.75
+        top = max(rewards.R_ACCURACY * right + eff for (right, _), eff in rewards.I_EFF.items())
+    return (score["accuracy"] + score["effectiveness"]) / top
+
+
+def _keep(scores: list[dict], cfg) -> bool:
+    """The accuracy filter (grpo.keep_group) on the completions' accuracy scores."""
+    return grpo.keep_group([s["total"] for s in scores], [accuracy_score(s, cfg) for s in scores], cfg.filter_low,
+                           cfg.filter_high)
+
+
+def loss_count(samples: list[dict], indices: list[int], aggregation: str) -> int:
+    """These samples' share of the loss's denominator over an update (grpo.policy_loss's `normalizer`): their loss
+    tokens (token-mean) or their sequences with a loss token (the seq-mean variants). A top-up group has none."""
+    if aggregation == "token-mean":
+        return sum(sum(samples[i]["loss_mask"]) for i in indices)
+    return sum(any(samples[i]["loss_mask"]) for i in indices)
 
 
 def render(rec: dict, system: str, processor, max_prompt_length: int) -> dict:

@@ -46,7 +46,7 @@ def test_group_advantages_edge_cases():
 
 
 # ----------------------------------------------------------------------------------------------------- loss
-def naive_loss(logprobs, old, adv, mask, clip_low, clip_high, ref, kl_coef, aggregation, max_len=None):
+def naive_loss(logprobs, old, adv, mask, clip_low, clip_high, ref, kl_coef, aggregation, max_len=None, ratio_cap=0.0):
     """The loss written the slow, obvious way: python loops over sequences and tokens."""
     B, T = logprobs.shape
     max_len = T if max_len is None else max_len
@@ -57,6 +57,8 @@ def naive_loss(logprobs, old, adv, mask, clip_low, clip_high, ref, kl_coef, aggr
             if mask[i, t] == 0:
                 continue
             ratio = torch.exp(logprobs[i, t] - old[i, t])
+            if ratio_cap:
+                ratio = torch.clamp(ratio, max=ratio_cap)
             clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
             term = -torch.minimum(ratio * adv[i], clipped * adv[i])
             if ref is not None:
@@ -369,10 +371,56 @@ def test_micro_batches_on_processes_add_up_to_the_whole_update(aggregation):
     ([1.0, 0.0, 1.0, 0.0], [1, 0, 1, 0], True),  # mean accuracy 0.5, rewards differ
     ([1.0, 1.0, 1.0, 1.0], [1, 1, 1, 1], False),  # too easy (and no signal)
     ([0.0, 0.0, 0.0, 0.0], [0, 0, 0, 0], False),  # too hard
-    ([1.2, 1.0, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5], True),  # every accuracy 0.5 and rewards differ: in bounds
+    ([1.2, 1.0, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5], False),  # in bounds, every accuracy equal: nothing to learn
+    ([1.2, 1.0, 0.5, 0.5], [0.5, 0.5, 0.5, 0.25], True),  # ... and one that differs: something to learn
+    ([1.0, 0.0, 0.0, 0.0], [0.4, 0.0, 0.0, 0.0], True),  # mean 0.1: the bounds are inclusive
     ([1.0, 0.0, 0.0, 0.0], [0.05, 0.0, 0.0, 0.0], False),  # mean 0.0125 < 0.1
     ([1.0, 1.0, 1.0, 0.9], [1.0, 1.0, 1.0, 0.7], False),  # mean 0.925 > 0.9
     ([1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 1.0, 0.0], False),  # in bounds but every reward equal: zero advantages
 ])
 def test_keep_group(rewards, accuracies, keep):
     assert grpo.keep_group(rewards, accuracies, 0.1, 0.9) == keep
+
+
+# ----------------------------------------------------------------------------------------------------- ratio cap
+def test_ratio_cap_by_hand():
+    """Two sequences of three tokens, ratios 4, 2, 0.5 (A = -1) and 4, 1.1, 0.5 (A = +1), clip 0.2, cap 3.
+    A = -1: ratio 4 -> capped at 3, term -min(-3, -1.2) = 3 with gradient 0 (uncapped: 4, gradient r = 4);
+            ratio 2 -> 2 (gradient 2); ratio 0.5 -> clipped to 0.8 (gradient 0).
+    A = +1: ratio 4 -> clipped to 1.2 either way (gradient 0); 1.1 -> -1.1 (gradient -1.1); 0.5 -> -0.5 (gradient -0.5).
+    seq-mean-token-mean: ((3 + 2 + 0.8) / 3 + (-1.2 - 1.1 - 0.5) / 3) / 2 = 0.5 (uncapped: (6.8 - 2.8) / 6 = 2/3);
+    d loss / d logprob = ratio * d term / d ratio / (3 tokens * 2 sequences)."""
+    ratios = torch.tensor([[4.0, 2.0, 0.5], [4.0, 1.1, 0.5]], dtype=torch.float64)
+    adv, mask = torch.tensor([-1.0, 1.0], dtype=torch.float64), torch.ones(2, 3)
+    want_grad = {3.0: [[0.0, 2.0, 0.0], [0.0, -1.1, -0.5]], 0.0: [[4.0, 2.0, 0.0], [0.0, -1.1, -0.5]]}
+    for cap, want_loss, want_capped in ((3.0, 0.5, 1 / 6), (0.0, 2 / 3, 0.0)):
+        lp = ratios.log().requires_grad_()
+        loss, stats = grpo.policy_loss(lp, torch.zeros_like(lp), adv, mask, 0.2, 0.2, ratio_cap=cap)
+        loss.backward()
+        assert loss.item() == pytest.approx(want_loss)
+        torch.testing.assert_close(lp.grad, torch.tensor(want_grad[cap], dtype=torch.float64) / 6)
+        assert stats["ratio_capped"] == pytest.approx(want_capped)  # the one token where the cap changes anything
+        assert stats["ratio_mean"] == pytest.approx(12.1 / 6)  # the raw ratio: how far off-policy the update is
+
+
+@pytest.mark.parametrize("aggregation", AGGS)
+def test_ratio_cap_matches_naive_and_changes_only_negative_advantages(aggregation):
+    """A cap of 1.5 (above 1 + clip_high = 1.28) on the random batch: the loss and gradient are the naive loss with
+    the ratio clamped first; tokens with A >= 0, and tokens under the cap, get exactly the uncapped gradient."""
+    logprobs, old, _, adv, mask = random_batch(seed=6)
+    lp = logprobs.clone().requires_grad_()
+    loss, stats = grpo.policy_loss(lp, old, adv, mask, 0.2, 0.28, aggregation=aggregation, ratio_cap=1.5)
+    loss.backward()
+    lp_naive = logprobs.clone().requires_grad_()
+    naive = naive_loss(lp_naive, old, adv, mask, 0.2, 0.28, None, 0.0, aggregation, ratio_cap=1.5)
+    naive.backward()
+    torch.testing.assert_close(loss, naive)
+    torch.testing.assert_close(lp.grad, lp_naive.grad)
+    lp_free = logprobs.clone().requires_grad_()
+    grpo.policy_loss(lp_free, old, adv, mask, 0.2, 0.28, aggregation=aggregation)[0].backward()
+    ratio = (logprobs - old).exp()
+    acts = (adv[:, None] < 0) & (ratio > 1.5) & mask.bool()
+    assert acts.any() and stats["ratio_capped"] == pytest.approx(float(acts.sum() / mask.sum()))
+    assert torch.equal(lp.grad[acts], torch.zeros(int(acts.sum()), dtype=lp.grad.dtype))  # no push past the cap
+    assert (lp_free.grad[acts] != 0).all()  # ... where the uncapped loss pushes
+    torch.testing.assert_close(lp.grad[~acts], lp_free.grad[~acts])

@@ -19,8 +19,8 @@ REQUIRED = [
     "step", "reward_mean", "reward_std", "reward_format", "reward_accuracy", "reward_reflection", "reward_effectiveness",
     "reward_length", "accuracy", "first_accuracy", "wrong_to_right", "right_to_wrong", "right_to_right", "wrong_to_wrong",
     "format_rate", "response_length_mean", "correct_length_mean", "incorrect_length_mean", "clip_ratio_low",
-    "clip_ratio_high", "kl", "loss", "grad_norm", "lr", "filtered_groups", "time_rollout_s", "time_train_s",
-    "time_sync_s", "tokens_per_s",
+    "clip_ratio_high", "ratio_capped", "kl", "loss", "grad_norm", "lr", "filtered_groups", "time_rollout_s",
+    "time_train_s", "time_sync_s", "tokens_per_s",
 ]
 
 
@@ -276,9 +276,18 @@ def test_kl_to_the_frozen_reference(world, tmp_path):
 def test_ppo_epochs_move_the_ratio_and_clip(world, tmp_path):
     import train_grpo
 
-    train_grpo.main(args(world, tmp_path, "--max_steps", "1", "--eval_every", "0", "--ppo_epochs", "2", "--lr", "1e-2"))
+    train_grpo.main(args(world, tmp_path, "--max_steps", "1", "--eval_every", "0", "--ppo_epochs", "2", "--lr", "1e-2",
+                         "--ratio_cap", "1.25"))
     (row,) = steps_of(tmp_path)
     assert row["clip_ratio_low"] + row["clip_ratio_high"] > 0  # later updates are off-policy: ratio != 1, clipped
+    assert 0 <= row["ratio_capped"] <= 1 and math.isfinite(row["loss"])  # logged; how often depends on the run
+
+
+def test_ratio_cap_flag_and_preset():
+    assert config.parse(config.GRPOConfig, []).ratio_cap == 0.0  # the tiny run: no cap
+    assert config.parse(config.GRPOConfig, ["--preset", "qwen2.5-vl-7b"]).ratio_cap == 3.0  # the reference's
+    with pytest.raises(SystemExit, match="--ratio_cap must be 0 .* above 1 \\+ --clip_high = 1.28, got 1.2"):
+        config.parse(config.GRPOConfig, ["--ratio_cap", "1.2", "--clip_high", "0.28"])
 
 
 def test_truncated_importance_sampling_runs(world, tmp_path):
@@ -326,19 +335,142 @@ def test_prompt_cap_and_pixel_bounds(tiny_dir, tmp_path):
     assert engine.pixel_bounds(processor)["max_pixels"] == 56 * 56
 
 
-def test_accuracy_filter_reads_the_variants_accuracy_reward():
-    """The filter compares the accuracy term of the reward variant in use, as a fraction of its largest value."""
+def _response(first: bool, second: bool | None = None) -> str:
+    """A well-formed response to a question whose gold is 21: one round (second None) or two."""
+    a = lambda right: "21" if right else "7"  # noqa: E731
+    one = f"<think>count the cells</think> <answer>{a(first)}</answer>"
+    two = f" <reflection>check</reflection> <think>again</think> <answer>{a(second)}</answer>"
+    return one if second is None else one + two
+
+
+def _scores(responses, **kw):
+    from nanosrpo import rewards
+
+    return [rewards.srpo_reward(r, "21", **kw) for r in responses]
+
+
+def test_accuracy_score_is_r_acc_plus_i_eff_over_its_range():
+    """The paper variant's filter score: (R_acc + I_eff) / 0.75, so right->right 1, wrong->right 2/3, right->wrong 1/3,
+    wrong->wrong 0; a one-round answer 2/3 right, 0 wrong; malformed 0. Without I_eff: the first answer, 0 / 1."""
     from nanosrpo import rollout
 
-    def scores(accuracy):
-        return [{"total": a + i * 0.01, "accuracy": a} for i, a in enumerate(accuracy)]
+    cfg = config.parse(config.GRPOConfig, [])
+    outcomes = [(True, True), (False, True), (True, False), (False, False), (True, None), (False, None)]
+    got = [rollout.accuracy_score(s, cfg) for s in _scores([_response(*o) for o in outcomes] + ["junk"])]
+    assert got == pytest.approx([1, 2 / 3, 1 / 3, 0, 2 / 3, 0, 0])
+    cfg = config.parse(config.GRPOConfig, ["--use_effectiveness", "false"])
+    got = [rollout.accuracy_score(s, cfg) for s in _scores([_response(*o) for o in outcomes], use_effectiveness=False)]
+    assert got == pytest.approx([1, 0, 1, 0, 1, 0])
+    cfg = config.parse(config.GRPOConfig, ["--reward_variant", "code"])  # the released code's merged number
+    got = [rollout.accuracy_score(s, cfg) for s in _scores([_response(*o) for o in outcomes[:4]], variant="code")]
+    assert got == pytest.approx([0.75, 1.0, 0.25, 0.0])
 
-    cfg = config.parse(config.GRPOConfig, ["--reward_variant", "code"])
-    assert rollout._keep(scores([0.25, 0.25, 0.0, 0.0]), cfg)  # released code's merged score: mean 0.125 in [0.1, 0.9]
-    assert not rollout._keep(scores([1.0, 0.75, 1.0, 1.0]), cfg)  # mean 0.94 > 0.9
-    cfg = config.parse(config.GRPOConfig, [])  # paper: the first answer's 0 / 0.5, read as 0 / 1
-    assert not rollout._keep(scores([0.5, 0.5, 0.5, 0.5]), cfg)  # every first answer right: 1.0 > 0.9
-    assert rollout._keep(scores([0.5, 0.0, 0.5, 0.0]), cfg)
+
+def test_accuracy_filter_keeps_the_groups_that_teach_reflection():
+    """With the preset's bounds (0.1-0.9) and the paper's reward: a group whose first answers are all wrong but whose
+    reflection fixes two of eight (mean 1/6), and one whose first answers are all right but two are broken (mean 5/6),
+    are kept (filtering on the first answer alone dropped both: means 0 and 1). A group with nothing to learn is
+    dropped: all wrong->wrong, all right->right, all one-round right (every score 2/3: inside the bounds, but equal)."""
+    from nanosrpo import rollout
+
+    cfg = config.parse(config.GRPOConfig, ["--preset", "qwen2.5-vl-7b"])
+    keep = lambda outcomes, **kw: rollout._keep(_scores([_response(*o) for o in outcomes], **kw), cfg)  # noqa: E731
+    assert keep([(False, False)] * 6 + [(False, True)] * 2)
+    assert keep([(True, True)] * 6 + [(True, False)] * 2)
+    assert keep([(True, True)] * 4 + [(False, False)] * 4)
+    assert not keep([(False, False)] * 8)
+    assert not keep([(True, True)] * 8)
+    assert not keep([(True, None)] * 8)
+    assert not keep([(False, False)] * 7 + [(False, True)])  # one fix in eight: mean 1/12 < 0.1
+    # the I_eff ablation: the reward has no term on the second answer, so neither has the filter
+    cfg.use_effectiveness = False
+    assert not keep([(False, False)] * 6 + [(False, True)] * 2, use_effectiveness=False)
+    assert keep([(True, True)] * 4 + [(False, False)] * 4, use_effectiveness=False)
+    # the released code's merged score and GRPO's 0 / 1
+    cfg.use_effectiveness, cfg.reward_variant = True, "code"
+    assert keep([(False, False)] * 7 + [(False, True)], variant="code")  # 1.0 / 8 = 0.125
+    assert not keep([(True, True)] * 8, variant="code")  # every score 0.75: nothing to learn
+    cfg.reward_variant = "grpo"
+    assert keep([(True, None)] * 4 + [(False, None)] * 4, variant="grpo")
+    assert not keep([(True, None)] * 8, variant="grpo")
+
+
+# ----------------------------------------------------------------------------------------------------- top-up groups
+class _Engine:
+    """Completions whose texts are given per call: texts[call][prompt] is the prompt's group."""
+
+    def __init__(self, texts):
+        self.texts, self.calls = texts, 0
+
+    def generate(self, prompts, n, *_, **__):
+        out = [[{"ids": [7] * (3 + j), "text": t, "logprobs": None} for j, t in enumerate(group)]
+               for group in self.texts[self.calls]]
+        self.calls += 1
+        return out
+
+
+class _Accelerator:
+    process_index, num_processes, device = 0, 1, "cpu"
+
+    def gather(self, t):
+        return t
+
+
+def test_top_up_groups_are_not_learned_and_not_counted(monkeypatch):
+    """Dynamic sampling that runs short: 2 draws of 2 prompts, only the first group passes the filter, so the batch is
+    that group plus one top-up. The top-up's loss mask is 0 everywhere: it adds nothing to the loss and nothing to its
+    denominator, so the update is the kept group's alone (the reference trains only on full batches)."""
+    from nanosrpo import rewards, rollout
+
+    monkeypatch.setattr(rollout, "render", lambda rec, *_: {"ids": [1, 2], "images": []})  # 2 prompt tokens
+    mixed, wrong = [_response(False, True), _response(False, False)], [_response(False, False)] * 2
+    engine = _Engine([[mixed, wrong], [wrong, wrong]])
+    records = [{"id": str(i), "answer": "21", "choices": None} for i in range(8)]
+    cfg = config.parse(config.GRPOConfig, ["--rollout_batch_size", "2", "--group_size", "2", "--filter_accuracy",
+                                           "true", "--max_draws", "2"])
+    batch = rollout.collect(engine, records, 0, cfg, lambda text, rec: rewards.srpo_reward(text, "21"), "sys", None,
+                            _Accelerator())
+    assert (batch["filtered"], batch["short"]) == (3, 1)
+    samples = batch["samples"]
+    # completions of 3 and 4 tokens after a 2-token prompt; the kept group learns them, the top-up nothing
+    assert [s["loss_mask"] for s in samples] == [[0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1], [0] * 5, [0] * 6]
+    assert batch["advantages"][2:].tolist() == [0.0, 0.0] and batch["advantages"][0] > 0 > batch["advantages"][1]
+    # the update's denominator: 7 tokens (token-mean) or 2 sequences (seq-mean), not 18 or 4
+    assert rollout.loss_count(samples, [0, 1, 2, 3], "token-mean") == 7
+    assert rollout.loss_count(samples, [3, 2, 1, 0], "seq-mean-token-mean") == 2
+    assert rollout.loss_count(samples, [2, 3], "seq-mean-token-sum-norm") == 0
+
+
+@pytest.mark.parametrize("aggregation", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
+def test_an_update_with_top_ups_is_the_kept_groups_update(aggregation):
+    """The gradient of an update of 6 kept sequences and 2 top-up ones (loss mask 0, zero advantage), in micro-batches
+    with the denominator loss_count gives, equals the gradient of the 6 kept sequences alone, KL term included."""
+    from nanosrpo import grpo, rollout
+
+    g = torch.Generator().manual_seed(0)
+    B, T = 8, 6
+    logprobs = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old, ref = logprobs + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64), logprobs - 0.2
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    adv[6:] = 0.0
+    lengths = [2, 6, 3, 4, 5, 1, 6, 3]
+    mask = torch.tensor([[0] + [int(t < n) for t in range(T - 1)] for n in lengths], dtype=torch.float64)
+    mask[6:] = 0.0  # what rollout.collect gives a top-up group
+    samples = [{"loss_mask": row.long().tolist()} for row in mask]
+    kw = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.1, aggregation=aggregation, max_len=T)
+
+    lp = logprobs[:6].clone().requires_grad_()
+    grpo.policy_loss(lp, old[:6], adv[:6], mask[:6], ref_logprobs=ref[:6], **kw)[0].backward()
+    want = lp.grad
+    normalizer = float(rollout.loss_count(samples, list(range(B)), aggregation))
+    assert normalizer == (float(mask.sum()) if aggregation == "token-mean" else 6.0)
+    lp = logprobs.clone().requires_grad_()
+    for mb in ([0, 6, 1, 2], [7, 3, 4, 5]):  # top-ups spread over the micro-batches
+        loss, _ = grpo.policy_loss(lp[mb], old[mb], adv[mb], mask[mb], ref_logprobs=ref[mb], normalizer=normalizer,
+                                   **kw)
+        loss.backward()
+    torch.testing.assert_close(lp.grad[:6], want)
+    assert torch.equal(lp.grad[6:], torch.zeros(2, T, dtype=lp.grad.dtype))
 
 
 def test_preset_prompt_and_bounds():
