@@ -337,7 +337,8 @@ def test_prompt_cap_and_pixel_bounds(tiny_dir, tmp_path):
 
 def _response(first: bool, second: bool | None = None) -> str:
     """A well-formed response to a question whose gold is 21: one round (second None) or two."""
-    a = lambda right: "21" if right else "7"  # noqa: E731
+    # boxed: the released code's checker (variant "code") reads a bare "21" as no answer at all
+    a = lambda right: "$\\boxed{21}$" if right else "$\\boxed{7}$"  # noqa: E731
     one = f"<think>count the cells</think> <answer>{a(first)}</answer>"
     two = f" <reflection>check</reflection> <think>again</think> <answer>{a(second)}</answer>"
     return one if second is None else one + two
