@@ -26,7 +26,8 @@ def test_save_load_and_stale_tmp(tiny_dir, tmp_path):
 
     out = tmp_path / "run"
     for step in (1, 2, 3):
-        ckpt = checkpoint.save_checkpoint(accelerator, policy, processor, out, step, {"micro_batch": 7 * step}, keep=2)
+        ckpt = checkpoint.save_checkpoint(accelerator, policy, processor, out, step, {"micro_batch": 7 * step}, keep=2,
+                                          optimizer=optimizer, scheduler=scheduler)
     assert ckpt == out / "checkpoint-3"
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-3"]  # keep=2 pruned checkpoint-1
     assert not list(out.glob("*.tmp"))
@@ -47,7 +48,7 @@ def test_save_load_and_stale_tmp(tiny_dir, tmp_path):
     exp_avg = {k: v["exp_avg"].clone() for k, v in optimizer.state_dict()["state"].items()}
     optimizer.step()
     scheduler.step()
-    state = checkpoint.load_checkpoint(accelerator, ckpt)
+    state = checkpoint.load_checkpoint(accelerator, ckpt, model=policy, optimizer=optimizer, scheduler=scheduler)
     assert state == {"micro_batch": 21, "step": 3}
     assert scheduler.get_last_lr() == lr_before
     for k, v in optimizer.state_dict()["state"].items():
