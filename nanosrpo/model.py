@@ -194,7 +194,8 @@ def shard_policy(policy, accelerator):
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
     if not torch.distributed.is_initialized():
-        raise SystemExit("--fsdp shards over processes: launch several (accelerate launch --num_processes N, torchrun)")
+        raise SystemExit("--fsdp shards over processes: launch several, e.g. on CPU ACCELERATE_USE_CPU=true accelerate "
+                         "launch --multi_gpu --num_processes 2 ..., or torchrun --nproc_per_node 2 ...")
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=sorted(policy._no_split_modules), state_dict_type="SHARDED_STATE_DICT",
