@@ -18,12 +18,13 @@ A checkpoint directory holds
 
 Why DCP for every run, sharded or not: one code path, exact (the tensors as they are, fp32 master weights and Adam
 moments included), and it never gathers anything. Under FSDP2 each process writes only its shard (at 7B on 8 GPUs
-about 3.8 GB of weights + 7.6 GB of Adam state per rank instead of 94 GB through rank 0); under DDP, whose tensors are
-replicated, DCP has each tensor written once, by one process; a single process (no process group) writes one file.
+3.9 GiB of fp32 weights + 7.1 GiB of AdamW state per rank, where accelerate's FULL_STATE_DICT save_state put all
+87.6 GiB through rank 0; bench/memory_plan.py counts it); under DDP, whose tensors are replicated, DCP has each
+tensor written once, by one process; a single process (no process group) writes one file.
 
 The policy export gathers one tensor at a time (engine.trainer_weights: cast to export_dtype on each shard, then
 all-gathered) and only the main process keeps the result, on the CPU: one copy of the weights in export_dtype (bf16:
-15 GB at 7B), never the optimizer. export_dtype None keeps the training dtype (the tiny CPU runs: fp32, so a policy
+15.4 GiB at 7B), never the optimizer. export_dtype None keeps the training dtype (the tiny CPU runs: fp32, so a policy
 handed to the next stage is bit-for-bit the trained one).
 
 Saving is atomic: everything goes into checkpoint-{step}.tmp/ and only a finished save is renamed to checkpoint-{step},
@@ -93,9 +94,10 @@ def export_policy(accelerator, model, processor, path, dtype: torch.dtype | None
     if not main:
         return
     module.save_pretrained(path, state_dict=full, is_main_process=True, safe_serialization=True)
-    if dtype is not None:  # save_pretrained writes the trainer's dtype into config.json; from_pretrained reads it
+    if dtype is not None:  # save_pretrained wrote the trainer's dtype; from_pretrained and vLLM's "auto" read it
         config = json.loads((Path(path) / "config.json").read_text())
-        config["dtype"] = str(dtype).removeprefix("torch.")
+        for c in [config] + [v for v in config.values() if isinstance(v, dict) and "dtype" in v]:  # + text_config, ...
+            c["dtype"] = str(dtype).removeprefix("torch.")
         (Path(path) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     processor.save_pretrained(path)
 

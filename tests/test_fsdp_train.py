@@ -122,6 +122,8 @@ def test_sharded_checkpoint_resumes_exactly_and_exports_bf16(tiny_dir, tmp_path)
 
     loaded = AutoModelForImageTextToText.from_pretrained(ckpt / "policy", dtype="auto")
     assert loaded.dtype == torch.bfloat16
+    config = json.loads((ckpt / "policy" / "config.json").read_text())
+    assert config["dtype"] == config["text_config"]["dtype"] == config["vision_config"]["dtype"] == "bfloat16"
     at_save = torch.load(tmp_path / "at_save.pt")
     got = loaded.state_dict()
     for k, v in at_save.items():
