@@ -18,7 +18,7 @@ import time
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -60,19 +60,28 @@ def main(argv=None):
     # A run is max_steps steps, or (max_steps = 0) as many as `epochs` passes over the data take; the schedule counts
     # the updates of the plain case (dynamic sampling consumes prompts faster and ends the passes sooner).
     max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(records) / cfg.rollout_batch_size)
+    # --fsdp: FSDP2 as accelerate_fsdp.yaml on GPUs, where accelerate would use DDP (CPU); before the optimizer, since
+    # sharding replaces the parameters, and kept out of accelerator.prepare, which would wrap the policy in DDP
+    fsdp = cfg.fsdp and accelerator.distributed_type != DistributedType.FSDP
+    if fsdp:
+        policy = model.shard_policy(policy, accelerator)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     total_updates = max_steps * updates_per_step
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, math.ceil(cfg.warmup_ratio * total_updates), total_updates, min_lr_rate=cfg.min_lr_ratio
     )
-    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
-    ref_policy = model.load_reference(paths["model"], accelerator, cfg.attn_implementation) if cfg.kl_coef > 0 else None
+    if fsdp:
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    else:
+        policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    ref_policy = (model.load_reference(paths["model"], accelerator, cfg.attn_implementation, fsdp=fsdp)
+                  if cfg.kl_coef > 0 else None)
     gen = engine.make(cfg, accelerator.unwrap_model(policy), processor, paths["model"])
 
     start_step, cursor = 0, 0  # cursor: prompt positions consumed per process (see data.prompt_index)
     if cfg.resume and (ckpt := checkpoint.latest_checkpoint(cfg.out_dir)):
-        state = checkpoint.load_checkpoint(accelerator, ckpt)
+        state = checkpoint.load_checkpoint(accelerator, ckpt, model=policy, optimizer=optimizer, scheduler=scheduler)
         start_step, cursor = state["step"], state["cursor"]
         gen.sync(accelerator.unwrap_model(policy))
         accelerator.print(f"resumed from {ckpt} at step {start_step}")
@@ -195,7 +204,9 @@ def main(argv=None):
         if accelerator.is_main_process and cfg.samples_every and step % cfg.samples_every == 0:
             log.write_samples(cfg.out_dir, step + 1, g["rec"], g["completions"], g["scores"])
         if (step + 1) % cfg.save_every == 0 or last:
-            checkpoint.save_checkpoint(accelerator, policy, processor, cfg.out_dir, step + 1, {"cursor": cursor}, cfg.keep_checkpoints)
+            checkpoint.save_checkpoint(accelerator, policy, processor, cfg.out_dir, step + 1, {"cursor": cursor},
+                                       cfg.keep_checkpoints, optimizer=optimizer, scheduler=scheduler,
+                                       export_dtype=checkpoint.export_dtype(cfg.export_dtype, accelerator))
         if last:  # max_steps, or `epochs` passes over the data (dynamic sampling gets there in fewer steps)
             break
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -107,14 +107,23 @@ def main(argv=None):
     plan_sha = hashlib.sha256(json.dumps([plan[: total_steps * cfg.grad_accum], lengths]).encode()).hexdigest()[:16]
 
     # ---- optimizer, schedule, and (when resuming) everything as it was at the checkpoint.
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in trainable)  # counted before FSDP shards them
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)  # counted before FSDP shards them
+    # --fsdp: FSDP2 as accelerate_fsdp.yaml on GPUs, where accelerate would use DDP (CPU); before the optimizer, since
+    # sharding replaces the parameters, and kept out of accelerator.prepare, which would wrap the policy in DDP
+    fsdp = cfg.fsdp and accelerator.distributed_type != DistributedType.FSDP
+    if fsdp:
+        policy = model.shard_policy(policy, accelerator)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    if fsdp:
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    else:
+        policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     start_step = 0
     if resume_from is not None:
-        state = checkpoint.load_checkpoint(accelerator, resume_from)
+        state = checkpoint.load_checkpoint(accelerator, resume_from, model=policy, optimizer=optimizer,
+                                           scheduler=scheduler)
         if state.get("plan_sha") != plan_sha:
             raise SystemExit(
                 f"{resume_from}: the batch plan changed (data, --batch_size, --grad_accum, --epochs/--max_steps, "
@@ -180,7 +189,9 @@ def main(argv=None):
         if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or step + 1 == total_steps:
             state = {"micro_batch": (step + 1) * cfg.grad_accum, "plan_sha": plan_sha, "epoch": row["epoch"]}
             checkpoint.save_checkpoint(
-                accelerator, policy, processor, out_dir, step + 1, state, keep=cfg.keep_checkpoints
+                accelerator, policy, processor, out_dir, step + 1, state, keep=cfg.keep_checkpoints,
+                optimizer=optimizer, scheduler=scheduler,
+                export_dtype=checkpoint.export_dtype(cfg.export_dtype, accelerator),
             )
     pbar.close()
     metrics.close()

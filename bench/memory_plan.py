@@ -79,6 +79,18 @@ vLLM colocated (nanosrpo/engine.py VLLMEngine, vLLM 0.32 GPU worker)
                discarded; what stays on the GPU is the CUDA-graph pool (assumed 1 GiB).
   Plus per process, assumed (not from the config): CUDA context + NCCL buffers, --overhead_gb (default 1.0).
 
+Checkpoints (nanosrpo/checkpoint.py, every --save_every steps and at the end), per rank, on disk and in host RAM
+  state/       torch.distributed.checkpoint: each rank writes its own file with what it holds,
+               (4*P + 8*P_tr) / N   its fp32 weight shards (frozen ones too) + its AdamW m, v shards
+               (+ one 4-byte Adam step per tensor, a scheduler and the RNG states: KB). Host RAM while saving or
+               resuming: DCP copies tensor by tensor between GPU and file (its FileSystemWriter stages 10 MB ahead), so
+               about the rank's largest shard, 4*max(V*h, layer tensors)/N; a resume reads into the existing shards.
+  policy/      the export handed on: one copy of all weights in --export_dtype (bf16 in the preset), 2*P on disk,
+               gathered one tensor at a time (cast to bf16 on the shard, then all-gathered: 2 x the largest tensor of
+               transient GPU memory on every rank) into rank 0's host RAM: 2*P there, nothing on the others.
+  (Before: accelerate's save_state under FULL_STATE_DICT gathered 4*P of weights and 8*P_tr of AdamW into rank 0's
+  host RAM and wrote them from there, plus a 4*P fp32 policy/; a resume loaded them all into rank 0 again.)
+
 Phases per GPU:
   training = weights + gradients + AdamW + FSDP buffers + activations(peak) + vLLM asleep + overhead (+ reference)
   rollout  = weights + AdamW + vLLM budget + overhead (+ reference); gradients are None, FSDP resharded, activations
@@ -263,6 +275,25 @@ def vllm_bytes(a: Arch, gpu_bytes: float, util: float, max_num_batched_tokens: i
 
 
 # ----------------------------------------------------------------------------------------------------- the plan
+def checkpoint_bytes(a: Arch, freeze_vision: bool, N: int, export_bytes: int = 2) -> dict:
+    """Per-rank bytes of one checkpoint (see the docstring): on disk, and in host RAM while saving, exporting and
+    resuming."""
+    p = param_counts(a)
+    P, P_tr = p["total"], trainable_params(a, freeze_vision)
+    largest = max(p["embed"], p["lm_head"], a.hidden * a.intermediate)  # the embedding at 7B
+    shard = (4 * P + 8 * P_tr) / N
+    return {
+        "state_per_rank": shard,                      # state/__{rank}_0.distcp: one file per rank
+        "state_total": N * shard,
+        "policy": export_bytes * P,                   # policy/*.safetensors, written by rank 0
+        "host_save": 4 * largest / N,                 # DCP stages tensor by tensor
+        "host_export_rank0": export_bytes * P,        # the gathered export copy, rank 0 only
+        "gpu_export": export_bytes * largest,         # one all-gathered tensor, every rank
+        "host_resume": 4 * largest / N,
+        "before_rank0": 4 * P + 8 * P_tr,             # accelerate's FULL_STATE_DICT save/load through rank 0
+    }
+
+
 def preset_config(name: str):
     """GRPOConfig with the preset applied, the way train_grpo.py sees it (config.parse with --preset NAME)."""
     return config.parse(config.GRPOConfig, ["--preset", name] if name else [])
@@ -311,8 +342,10 @@ def plan(a: Arch, cfg, gpus: int, gpu_gib: float, prompt_len: int = 1024, overhe
     sync = 4 * P / N + 8 * P_tr / N + ref + overhead_gib * GiB
     if vl:
         sync += vl["weights"] + vl["cuda_graphs"] + 6 * max(p["embed"], p["lm_head"], p["layer"])
+    export_bytes = 4 if getattr(cfg, "export_dtype", "auto") == "float32" else 2
+    ckpt = checkpoint_bytes(a, cfg.freeze_vision, N, export_bytes)
     return {"arch": a, "params": p, "P_train": P_tr, "B": B, "T": T, "rows": rows, "train": train, "rollout": rollout,
-            "sync": sync, "act": act, "act_other": act_other, "vllm": vl, "gpu": gpu, "cfg": cfg,
+            "sync": sync, "ckpt": ckpt, "act": act, "act_other": act_other, "vllm": vl, "gpu": gpu, "cfg": cfg,
             "gpus": N, "kl": kl, "overhead": overhead_gib * GiB}
 
 
@@ -352,6 +385,16 @@ def print_plan(r: dict, gpu_gib: float) -> None:
               f"{r['sync'] / GiB:.1f} GiB")
     else:
         print(f"engine {cfg.engine}: generation runs in the trainer's model; its KV cache is not planned here")
+    c, N = r["ckpt"], r["gpus"]
+    print(f"\ncheckpoints every {cfg.save_every} steps (nanosrpo/checkpoint.py), per rank of {N}:")
+    print(f"  state/   {c['state_per_rank'] / GiB:.2f} GiB on disk per rank (fp32 weight + AdamW shards; "
+          f"{c['state_total'] / GiB:.1f} GiB in all); host RAM while saving or resuming "
+          f"~{c['host_save'] / GiB:.2f} GiB (one tensor shard at a time)")
+    print(f"  policy/  {c['policy'] / GiB:.2f} GiB on disk ({'fp32' if c['policy'] == 4 * p['total'] else 'bf16'}), "
+          f"gathered into rank 0's host RAM ({c['host_export_rank0'] / GiB:.2f} GiB there, ~0 on the others; "
+          f"{c['gpu_export'] / GiB:.2f} GiB transient on each GPU)")
+    print(f"  (through rank 0, as before: {c['before_rank0'] / GiB:.1f} GiB of fp32 weights + AdamW in its host RAM "
+          f"per save and per resume)")
     peak = max(r["train"], r["rollout"])
     phase = "training" if r["train"] >= r["rollout"] else "rollout"
     left = r["gpu"] - peak

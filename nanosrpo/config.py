@@ -61,9 +61,18 @@ class TrainConfig(CommonConfig):
     save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (0: only the final one)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept (older ones are deleted; 0: all)"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out_dir, if there is one"})
+    export_dtype: str = field(default="auto", metadata={"help": (
+        "dtype of checkpoints' policy/ (the safetensors handed on; --resume reads the sharded state/, as trained): "
+        "auto = bfloat16 under bf16 mixed precision, else as trained (fp32 on CPU); bfloat16; float32")})
+    fsdp: bool = field(default=False, metadata={"help": (
+        "shard the policy with torch FSDP2 fully_shard per decoder layer and vision block, reshard after forward, "
+        "as accelerate_fsdp.yaml does on GPUs; for the CPU rehearsal (gloo); on GPUs use accelerate's FSDP config "
+        "instead")})
 
     def __post_init__(self):
         check_attn_implementation(self.attn_implementation, getattr(self, "engine", None), getattr(self, "bf16", True))
+        if self.export_dtype not in ("auto", "bfloat16", "float32"):
+            raise SystemExit(f"--export_dtype must be auto, bfloat16 or float32, got {self.export_dtype!r}")
 
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -256,6 +265,7 @@ PRESETS["qwen2.5-vl-7b"]["GRPOConfig"] = {
     "vllm_max_model_len": 8192,
     "eval_every": 0,
     "save_every": 50,
+    "export_dtype": "bfloat16",
     # the reference runs' prompt and image bounds: prompts of at most 1024 tokens, images of at most 501,760 pixels
     "max_prompt_length": 1024,
     "max_pixels": 501760,
@@ -275,6 +285,7 @@ PRESETS["qwen2.5-vl-7b"]["SFTConfig"] = {
     "gradient_checkpointing": True,
     "freeze_vision": True,
     "save_every": 200,
+    "export_dtype": "bfloat16",
 }
 
 

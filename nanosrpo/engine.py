@@ -144,7 +144,16 @@ class TransformersEngine:
         return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def sync(self, model) -> float:
-        return 0.0  # the engine samples from the trainer's module itself: nothing to copy
+        """Nothing to copy when the engine samples from the trainer's module itself (the usual case). With its own
+        full copy (make: an FSDP2-sharded trainer), the trainer's weights are gathered into it as vLLM's sync does."""
+        if model is self.model:
+            return 0.0
+        t0 = time.perf_counter()
+        mine = self.model.state_dict()
+        with torch.no_grad():
+            for name, t in trainer_weights(model, skip_frozen=True):  # a collective under FSDP2: every rank runs it
+                mine[name].copy_(t)
+        return time.perf_counter() - t0
 
     def sleep(self):
         pass
@@ -503,6 +512,16 @@ def _set_rng_state(state):
 def make(cfg, model, processor, model_path: str):
     """The engine a config asks for. vLLM is imported only here, only when asked for."""
     if cfg.engine == "transformers":
+        from nanosrpo.model import is_sharded, load_policy
+
+        if is_sharded(model):
+            # FSDP2 (--fsdp): every forward of the sharded trainer all-gathers its weights, and ranks decode different
+            # numbers of steps (rows stop at different lengths), so sampling on it would hang. The engine samples from
+            # its own full copy instead, loaded from model_path like vLLM's and synced with trainer_weights.
+            copy = load_policy(model_path, attn_implementation=getattr(cfg, "attn_implementation", None))[0]
+            engine = TransformersEngine(copy.to(model.device).eval(), processor, cfg.gen_batch_size)
+            engine.sync(model)
+            return engine
         return TransformersEngine(model, processor, cfg.gen_batch_size)
     if cfg.engine == "vllm":
         return VLLMEngine(

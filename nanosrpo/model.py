@@ -174,13 +174,55 @@ def shard_like_fsdp(module) -> None:
     fully_shard(module)
 
 
-def load_reference(path: str, accelerator, attn_implementation: str | None = None):
+def shard_policy(policy, accelerator):
+    """FSDP2-shard the policy in place the way `accelerate launch --config_file accelerate_fsdp.yaml` does on GPUs,
+    for multi-process runs that accelerate would otherwise wrap in DDP (a CPU launch: accelerate applies its FSDP
+    plugin only to GPU distributed types). Returns the policy. Collective: every process must call it.
+
+    It runs accelerate's own fsdp2_prepare_model with a plugin holding accelerate_fsdp.yaml's settings
+    (TRANSFORMER_BASED wrap of the model's _no_split_modules: Qwen2_5_VLDecoderLayer + Qwen2_5_VLVisionBlock, or the
+    text twin's Qwen2DecoderLayer; reshard after forward; cpu_ram_efficient_loading: rank 0's weights are broadcast
+    into the shards), so the units are accelerate's: one per block, the input embedding (untied), the tail
+    [final norm, lm_head] and the root. Call it before building the optimizer (sharding replaces the parameters with
+    DTensors) and do not pass the sharded policy to accelerator.prepare (that would wrap it in DDP). Frozen parameters
+    (the vision tower) are sharded too; they just never get a gradient. (The plugin sets FSDP_CPU_RAM_EFFICIENT_LOADING
+    in the environment; transformers acts on it only together with ACCELERATE_USE_FSDP, which a CPU launch lacks.)
+    """
+    from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    if not torch.distributed.is_initialized():
+        raise SystemExit("--fsdp shards over processes: launch several, e.g. on CPU ACCELERATE_USE_CPU=true accelerate "
+                         "launch --multi_gpu --num_processes 2 ..., or torchrun --nproc_per_node 2 ...")
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=sorted(policy._no_split_modules), state_dict_type="SHARDED_STATE_DICT",
+        cpu_ram_efficient_loading=True, activation_checkpointing=False,
+    )
+    # fsdp2_prepare_model reads the plugin from accelerator.state; a CPU accelerator has none, so it gets this view
+    view = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision=accelerator.mixed_precision,
+                           device=accelerator.device, is_main_process=accelerator.is_main_process,
+                           torch_device_mesh=None)
+    return fsdp2_prepare_model(view, policy)
+
+
+def is_sharded(module) -> bool:
+    """Whether module is an FSDP2 (fully_shard) module: its forwards are collectives."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def load_reference(path: str, accelerator, attn_implementation: str | None = None, fsdp: bool = False):
     """The frozen initial policy for the KL term. It never trains, so it needs no fp32 master copy: bf16 on GPU. Under
-    FSDP it is sharded like the policy (one block gathered at a time), not a full copy per GPU."""
+    FSDP (accelerate's, or fsdp: the policy went through shard_policy) it is sharded like the policy (one block
+    gathered at a time), not a full copy per GPU."""
     from accelerate.utils import DistributedType
 
     dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
     ref = load_policy(path, dtype=dtype, attn_implementation=attn_implementation)[0].requires_grad_(False).eval().to(accelerator.device)
-    if accelerator.distributed_type == DistributedType.FSDP:
+    if accelerator.distributed_type == DistributedType.FSDP or fsdp:
         shard_like_fsdp(ref)
     return ref

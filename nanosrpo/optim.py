@@ -29,9 +29,9 @@ def clip_and_step(accelerator, model, optimizer, scheduler, max_grad_norm: float
     """Clip the global gradient norm, step the optimizer and the schedule, zero the gradients; returns the norm before
     clipping (all processes, all shards).
 
-    Clips `model.parameters()` of the *prepared* model: FSDP replaces the parameters when accelerator.prepare shards
-    the model, so a list taken before prepare holds the old tensors, which never get a gradient (clipping them does
-    nothing and reports a norm of 0).
+    Clips `model.parameters()` of the *prepared* model: FSDP replaces the parameters when accelerator.prepare (or
+    model.shard_policy, --fsdp) shards the model, so a list taken before holds the old tensors, which never get a
+    gradient (clipping them does nothing and reports a norm of 0).
     """
     from torch.distributed.tensor import DTensor
 

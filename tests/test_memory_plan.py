@@ -81,6 +81,20 @@ def test_fsdp_buffers_and_kv_cache_7b_by_hand():
     assert mp.vllm_bytes(a, 80 * mp.GiB, 0.5)["kv_per_token"] == 2 * 28 * 4 * 128 * 2 == 57_344
 
 
+def test_checkpoint_bytes_7b_by_hand():
+    """Per rank of 8: the rank's shard of fp32 weights (all 8.29B) + AdamW m, v (the 7.62B trainable), one file each;
+    a bf16 policy/ gathered on rank 0 only; tensor-by-tensor staging bounded by the embedding's shard."""
+    a = mp.arch_from_config(mp.QWEN25_VL_7B_CONFIG)
+    c = mp.checkpoint_bytes(a, freeze_vision=True, N=8)
+    P, P_tr = 8_292_166_656, 8_292_166_656 - 676_550_144
+    assert c["state_per_rank"] == (4 * P + 8 * P_tr) / 8 == 11_761_699_840
+    assert c["state_total"] == c["before_rank0"] == 94_093_598_720  # ~33 GB weights + ~61 GB AdamW
+    assert c["policy"] == c["host_export_rank0"] == 2 * P
+    assert c["host_save"] == c["host_resume"] == 4 * 152_064 * 3_584 / 8
+    assert c["gpu_export"] == 2 * 152_064 * 3_584
+    assert mp.checkpoint_bytes(a, freeze_vision=True, N=8, export_bytes=4)["policy"] == 4 * P
+
+
 def test_plan_rows_toy(monkeypatch):
     cfg = mp.preset_config("")  # GRPOConfig defaults: micro_batch_size 16, max_new_tokens 200, transformers engine
     cfg.micro_batch_size, cfg.max_new_tokens, cfg.engine = 1, 1, "transformers"
@@ -103,6 +117,7 @@ def test_preset_7b_script_runs():
     weights = next(line for line in text.splitlines() if line.startswith("weights, fp32"))
     assert weights.split()[4:6] == ["3.86", "3.86"]  # 4 B x 8.292e9 / 8 GPUs = 3.86 GiB
     assert "FITS in 80 GiB" in text
+    assert "state/   10.95 GiB on disk per rank" in text and "policy/  15.45 GiB on disk (bf16)" in text
 
 
 def test_model_config_errors(tmp_path):
