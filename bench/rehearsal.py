@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out_dir", default="out/rehearsal")
     ap.add_argument("--cache_dir", default="out/tiny", help="where the rehearsal world is built (once)")
     ap.add_argument("--tiny_size", default="1m")
-    ap.add_argument("--sft_steps", type=int, default=150)
+    ap.add_argument("--sft_steps", type=int, default=320)
     ap.add_argument("--grpo_steps", type=int, default=4)
     ap.add_argument("--kill_after", type=int, default=2, help="SIGKILL the second GRPO run once this checkpoint exists")
     ap.add_argument("--fsdp", default="true", help="true: shard the model with FSDP2 (the point); false: DDP, to compare")
@@ -208,7 +208,7 @@ def rehearse(a, out: Path, fsdp: bool) -> int:
     flags = ["--model", str(policy), "--data", world["train"], "--eval_data", "", "--max_steps", str(a.grpo_steps),
              "--rollout_batch_size", "16", "--group_size", "8", "--train_batch_size", "16", "--micro_batch_size", "4",
              "--ratio_cap", "3", "--filter_accuracy", "true", "--max_draws", "2", "--gradient_checkpointing", "true",
-             "--freeze_vision", "true", "--save_every", "1", "--temperature", "1.0", "--max_new_tokens", "160",
+             "--freeze_vision", "true", "--save_every", "1", "--temperature", "0.7", "--max_new_tokens", "160",
              "--lr", "2e-3", "--eval_every", "0", "--samples_every", "1", "--plot", "false"]
     t = (time.time(), cpu_seconds())
     ref, grpo = out / "grpo-ref", out / "grpo"
