@@ -36,6 +36,7 @@ from pathlib import Path
 
 import psutil
 import resource
+import shutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -127,7 +128,7 @@ def check_acting(rows: list[dict]) -> dict:
         "ratio_capped": max(m.get("ratio_capped", 0) for m in rows),
         "filtered_groups": max(m.get("filtered_groups", 0) for m in rows),
     }
-    if "ratio_capped" not in rows[0]:
+    if not all("ratio_capped" in m for m in rows):
         raise Failed("grpo/metrics.jsonl has no ratio_capped: train_grpo.py without --ratio_cap?")
     for key, value in seen.items():
         if not value > 0:
@@ -162,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny_size", default="1m")
     ap.add_argument("--sft_steps", type=int, default=320)
     ap.add_argument("--grpo_steps", type=int, default=4)
+    ap.add_argument("--grpo_lr", type=float, default=3e-4,
+                    help="high for a policy-gradient run, so the clip and the ratio cap act within a few steps")
     ap.add_argument("--kill_after", type=int, default=2, help="SIGKILL the second GRPO run once this checkpoint exists")
     ap.add_argument("--fsdp", default="true", help="true: shard the model with FSDP2 (the point); false: DDP, to compare")
     ap.add_argument("--engine", default="transformers", choices=["transformers", "vllm"],
@@ -189,9 +192,7 @@ def rehearse(a, out: Path, fsdp: bool) -> int:
     # ---- the cold start: FSDP2 on 2 processes, mixed data, gradient accumulation and checkpointing
     t = (time.time(), cpu_seconds())
     sft = out / "sft"
-    if checkpoint.latest_checkpoint(sft) is None or not (sft / "DONE").exists():
-        import shutil
-
+    if not (sft / "DONE").exists():  # a rerun into the same --out_dir reuses a finished cold start
         shutil.rmtree(sft, ignore_errors=True)
         flags = ["--model", world["init"], "--data", world["sft_reflect"], "--out_dir", str(sft),
                  "--max_steps", str(a.sft_steps), "--batch_size", "4", "--grad_accum", "2", "--bucket", "1",
@@ -212,18 +213,16 @@ def rehearse(a, out: Path, fsdp: bool) -> int:
              "--rollout_batch_size", "16", "--group_size", "8", "--train_batch_size", "16", "--micro_batch_size", "4",
              "--ratio_cap", "3", "--filter_accuracy", "true", "--max_draws", "2", "--gradient_checkpointing", "true",
              "--freeze_vision", "true", "--save_every", "1", "--temperature", "0.7", "--max_new_tokens", "160",
-             "--lr", "2e-3", "--eval_every", "0", "--samples_every", "1", "--plot", "false", "--engine", a.engine]
+             "--lr", str(a.grpo_lr), "--eval_every", "0", "--samples_every", "1", "--plot", "false", "--engine", a.engine]
     if a.engine == "vllm":  # on CPU the fraction is of the machine's memory, for each process's KV cache
         flags += ["--vllm_gpu_memory_utilization", "0.02", "--vllm_max_model_len", "1024"]
     t = (time.time(), cpu_seconds())
     ref, grpo = out / "grpo-ref", out / "grpo"
-    if len(read_metrics(ref)) != a.grpo_steps:
-        run_ok(launch("train_grpo.py", [*flags, "--out_dir", str(ref)], fsdp), out / "grpo-ref.log", "train_grpo.py")
+    shutil.rmtree(ref, ignore_errors=True)
+    run_ok(launch("train_grpo.py", [*flags, "--out_dir", str(ref)], fsdp), out / "grpo-ref.log", "train_grpo.py")
     print(f"[grpo-ref] {a.grpo_steps} steps uninterrupted ({stage(t)})", flush=True)
 
     t = (time.time(), cpu_seconds())
-    import shutil
-
     shutil.rmtree(grpo, ignore_errors=True)
     code = run(launch("train_grpo.py", [*flags, "--out_dir", str(grpo)], fsdp), out / "grpo-killed.log",
                kill_at=grpo / f"checkpoint-{a.kill_after}")
