@@ -28,6 +28,8 @@ import argparse
 import json
 import math
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,8 +37,6 @@ import time
 from pathlib import Path
 
 import psutil
-import resource
-import shutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -229,9 +229,14 @@ def rehearse(a, out: Path, fsdp: bool) -> int:
     if code != -signal.SIGKILL:
         raise Failed(f"the run to be killed ended by itself with status {code} (log: {out / 'grpo-killed.log'})")
     before = [m["step"] for m in read_metrics(grpo)]
+    if not before or before[-1] >= a.grpo_steps:
+        raise Failed(f"the kill came too late to be mid-run: steps {before} were logged")
     print(f"[grpo] killed with steps {before} logged; resuming", flush=True)
-    run_ok(launch("train_grpo.py", [*flags, "--out_dir", str(grpo), "--resume", "true"], fsdp), out / "grpo-resumed.log",
+    log = out / "grpo-resumed.log"
+    run_ok(launch("train_grpo.py", [*flags, "--out_dir", str(grpo), "--resume", "true"], fsdp), log,
            "train_grpo.py --resume true")
+    if f"checkpoint-{a.kill_after} at step {a.kill_after}" not in log.read_text(errors="replace"):
+        raise Failed(f"the resumed run did not start from checkpoint-{a.kill_after} (log: {log})")
     resumed, reference = read_metrics(grpo), read_metrics(ref)
     check_resumed(resumed, reference, a.grpo_steps)
     seen = check_acting(resumed)
