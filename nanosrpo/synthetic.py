@@ -259,7 +259,9 @@ def _image_files(prob: Problem, out_dir: Path, text_only: bool) -> list[str]:
     """The problem's images saved under out_dir/images/ (once), as paths relative to out_dir."""
     if text_only or prob.images == 0:
         return []
-    names = [f"images/{prob.id}.png"] if prob.images == 1 else [f"images/{prob.id}-{k + 1}.png" for k in range(prob.images)]
+    names = [f"images/{prob.id}.png"]
+    if prob.images == 2:
+        names = [f"images/{prob.id}-{k + 1}.png" for k in range(2)]
     for name, img in zip(names, render_all(prob)):
         if not (out_dir / name).exists():
             img.save(out_dir / name)
@@ -282,8 +284,8 @@ def write_rl_split(out_dir: Path, name: str, n: int, seed: int, difficulty: int 
     path = out_dir / f"{name}.jsonl"
     with open(path, "w") as f:
         for prob in _problems(seed, difficulty, n, mix):
-            rec = {"id": prob.id, "answer": prob.answer, "question": text_question(prob) if text_only or prob.images == 0
-                   else prob.question}
+            as_text = text_only or prob.images == 0
+            rec = {"id": prob.id, "answer": prob.answer, "question": text_question(prob) if as_text else prob.question}
             images = _image_files(prob, out_dir, text_only)
             if images:
                 rec["image"] = images[0] if len(images) == 1 else images
@@ -319,7 +321,8 @@ def write_sft_split(
         for prob in _problems(seed, difficulty, n, mix):
             images = _image_files(prob, out_dir, text_only)
             text = _question_text(prob, text_only)
-            user = [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": text}] if images else text
+            user = [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": text}]
+            user = user if images else text
             response = oracle_two_round(prob, rng, p_correct) if reflection else one_round(prob)
             messages = [
                 {"role": "system", "content": system},

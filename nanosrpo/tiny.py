@@ -230,13 +230,13 @@ def ensure_world(cache_dir: str, size: str = "1m", text_only: bool = False, diff
     shutil.rmtree(tmp, ignore_errors=True)
     info = build_tiny(tmp / "init", size=size, text_only=text_only, mix=mix)
     d = tmp / "data"
-    n_train, n_eval, n_sft = (N_REHEARSAL["train"], N_REHEARSAL["eval"], N_REHEARSAL["sft"]) if mix else (N_TRAIN, N_EVAL, N_SFT)
+    n = N_REHEARSAL if mix else {"train": N_TRAIN, "eval": N_EVAL, "sft": N_SFT}
     difficulty = REHEARSAL_DIFFICULTY if mix else difficulty
-    synthetic.write_rl_split(d, "train", n_train, TRAIN_SEED, difficulty, text_only, mix=mix)
-    synthetic.write_rl_split(d, "eval", n_eval, EVAL_SEED, difficulty, text_only, mix=mix)
-    synthetic.write_sft_split(d, "sft_base", n_sft, SFT_SEED, prompts.GRPO_SYSTEM, difficulty, False, text_only=text_only, mix=mix)
-    synthetic.write_sft_split(d, "sft_reflect", n_sft, SFT_SEED, prompts.SRPO_SYSTEM, difficulty, True, text_only=text_only,
-                              mix=mix)
+    synthetic.write_rl_split(d, "train", n["train"], TRAIN_SEED, difficulty, text_only, mix=mix)
+    synthetic.write_rl_split(d, "eval", n["eval"], EVAL_SEED, difficulty, text_only, mix=mix)
+    for name, system, reflect in (("sft_base", prompts.GRPO_SYSTEM, False), ("sft_reflect", prompts.SRPO_SYSTEM, True)):
+        synthetic.write_sft_split(d, name, n["sft"], SFT_SEED, system, difficulty, reflect, text_only=text_only,
+                                  mix=mix)
     (tmp / "DONE").write_text(f"params={info['params']} seconds={time.time() - t0:.1f}\n")
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)  # atomic: a half-built world is never mistaken for a finished one
