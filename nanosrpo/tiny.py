@@ -7,6 +7,10 @@ tokenizer trained on the task's own text and Qwen's special tokens and chat temp
 (synthetic.py) written as real JSONL + PNG datasets; and the base and reflection-SFT policies trained from them. A real
 run never needs this module: scripts call `resolve(cfg)`, which leaves any value other than "tiny" alone.
 
+The rehearsal world (ensure_world(..., mix=True), under cache_dir/<size>[-text]-rehearsal/, for bench/rehearsal.py) is
+the same pieces with its own tokenizer and small data of the mixed shapes real data has (synthetic.SHAPES:
+multiple-choice, two-image and text-only records on 3x3 grids); its policies are trained by the rehearsal itself.
+
 Layout under cache_dir/<size>[-text]/:
   init/                  random-init policy (save_pretrained)
   data/train.jsonl       RL records            data/eval.jsonl   held-out eval records
@@ -160,10 +164,12 @@ def tiny_processor(tok):
     return model.image_only_processor(image_processor, tok, CHAT_TEMPLATE)
 
 
-def build_tiny(out_dir: str | Path, size: str = "1m", seed: int = 0, text_only: bool = False, vocab_size: int = 512) -> dict:
+def build_tiny(out_dir: str | Path, size: str = "1m", seed: int = 0, text_only: bool = False, vocab_size: int = 512,
+               mix: bool = False) -> dict:
     """Build the tiny world's randomly initialised policy + tokenizer + processor and save them to out_dir.
 
     text_only=True builds the Qwen2ForCausalLM twin (same tokenizer and text dims) used for vLLM on CPU.
+    mix=True trains the tokenizer on the rehearsal's shapes (synthetic.corpus(mix=True)) instead.
     Returns {"params": int, "seconds": float}. Deterministic given (size, seed).
     """
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
@@ -171,7 +177,7 @@ def build_tiny(out_dir: str | Path, size: str = "1m", seed: int = 0, text_only: 
     t0 = time.time()
     out_dir = Path(out_dir)
     # The prompts are repeated so BPE learns their words: the system prompt is in every sequence, short is cheap.
-    tok = build_tokenizer(synthetic.corpus() + [prompts.SRPO_SYSTEM, prompts.GRPO_SYSTEM] * 200, vocab_size)
+    tok = build_tokenizer(synthetic.corpus(mix=mix) + [prompts.SRPO_SYSTEM, prompts.GRPO_SYSTEM] * 200, vocab_size)
     vl_cfg, twin_cfg = tiny_configs(tok, TINY_SIZES[size])
     torch.manual_seed(seed)
     policy = Qwen2ForCausalLM(twin_cfg) if text_only else Qwen2_5_VLForConditionalGeneration(vl_cfg)
@@ -191,13 +197,24 @@ N_TRAIN, N_EVAL, N_SFT = 4000, 200, 8000
 TRAIN_SEED, EVAL_SEED, SFT_SEED = 1, 2, 3  # disjoint seeds: eval problems are never trained on
 
 
-def world_dir(cache_dir: str, size: str, text_only: bool) -> Path:
-    return Path(cache_dir) / (f"{size}-text" if text_only else size)
+# The rehearsal world (mix=True): a few hundred records of each kind are all its short runs read, and 3x3 grids
+# (difficulty 0) keep its responses short.
+N_REHEARSAL = {"train": 384, "eval": 48, "sft": 1536}
+REHEARSAL_DIFFICULTY = 0
 
 
-def ensure_world(cache_dir: str, size: str = "1m", text_only: bool = False, difficulty: int = 1) -> dict[str, str]:
-    """Build (once) and return the paths of the tiny world. Call on one process at a time (main_process_first)."""
-    root = world_dir(cache_dir, size, text_only)
+def world_dir(cache_dir: str, size: str, text_only: bool, mix: bool = False) -> Path:
+    return Path(cache_dir) / (size + ("-text" if text_only else "") + ("-rehearsal" if mix else ""))
+
+
+def ensure_world(cache_dir: str, size: str = "1m", text_only: bool = False, difficulty: int = 1,
+                 mix: bool = False) -> dict[str, str]:
+    """Build (once) and return the paths of the tiny world. Call on one process at a time (main_process_first).
+
+    mix=True: the rehearsal world instead (its own folder, tokenizer and data: N_REHEARSAL records of the mixed shapes
+    at REHEARSAL_DIFFICULTY; `difficulty` is ignored). The default world's files do not change with it.
+    """
+    root = world_dir(cache_dir, size, text_only, mix)
     paths = {
         "root": str(root),
         "init": str(root / "init"),
@@ -211,12 +228,15 @@ def ensure_world(cache_dir: str, size: str = "1m", text_only: bool = False, diff
     t0 = time.time()
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    info = build_tiny(tmp / "init", size=size, text_only=text_only)
+    info = build_tiny(tmp / "init", size=size, text_only=text_only, mix=mix)
     d = tmp / "data"
-    synthetic.write_rl_split(d, "train", N_TRAIN, TRAIN_SEED, difficulty, text_only)
-    synthetic.write_rl_split(d, "eval", N_EVAL, EVAL_SEED, difficulty, text_only)
-    synthetic.write_sft_split(d, "sft_base", N_SFT, SFT_SEED, prompts.GRPO_SYSTEM, difficulty, False, text_only=text_only)
-    synthetic.write_sft_split(d, "sft_reflect", N_SFT, SFT_SEED, prompts.SRPO_SYSTEM, difficulty, True, text_only=text_only)
+    n = N_REHEARSAL if mix else {"train": N_TRAIN, "eval": N_EVAL, "sft": N_SFT}
+    difficulty = REHEARSAL_DIFFICULTY if mix else difficulty
+    synthetic.write_rl_split(d, "train", n["train"], TRAIN_SEED, difficulty, text_only, mix=mix)
+    synthetic.write_rl_split(d, "eval", n["eval"], EVAL_SEED, difficulty, text_only, mix=mix)
+    for name, system, reflect in (("sft_base", prompts.GRPO_SYSTEM, False), ("sft_reflect", prompts.SRPO_SYSTEM, True)):
+        synthetic.write_sft_split(d, name, n["sft"], SFT_SEED, system, difficulty, reflect, text_only=text_only,
+                                  mix=mix)
     (tmp / "DONE").write_text(f"params={info['params']} seconds={time.time() - t0:.1f}\n")
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)  # atomic: a half-built world is never mistaken for a finished one
