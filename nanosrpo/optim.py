@@ -32,17 +32,12 @@ def clip_and_step(accelerator, model, optimizer, scheduler, max_grad_norm: float
     Clips `model.parameters()` of the *prepared* model: FSDP replaces the parameters when accelerator.prepare (or
     model.shard_policy, --fsdp) shards the model, so a list taken before holds the old tensors, which never get a
     gradient (clipping them does nothing and reports a norm of 0).
-
-    An update whose gradient is exactly zero everywhere (GRPO: every sequence in it a zero-advantage top-up group, its
-    loss mask all 0) skips the optimizer step: AdamW's momentum and weight decay would otherwise still move the
-    weights on no data. The norm is global, so every process skips together; the schedule steps either way.
     """
     from torch.distributed.tensor import DTensor
 
     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    if norm > 0:
-        optimizer.step()
+    optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    return float(norm)
