@@ -64,6 +64,7 @@ def _gather_worker(rank, world, port, path, result_dir):
     for k, v in sent.items():
         assert v.dtype == torch.bfloat16 and torch.equal(v, reference[k].to(torch.bfloat16)), k
     (result_dir / f"ok-{rank}").write_text("ok")
+    torch.distributed.barrier()  # both ranks done before either tears gloo down (an exit race aborted one, rarely)
     torch.distributed.destroy_process_group()
 
 
@@ -136,6 +137,7 @@ def _train_worker(rank, world, port, path, result_dir):
     with torch.no_grad():
         torch.testing.assert_close(grpo.sequence_logprobs(ref, batch), want_lp, atol=1e-5, rtol=1e-5)
     (result_dir / f"ok-{rank}").write_text("ok")
+    torch.distributed.barrier()  # both ranks done before either tears gloo down (an exit race aborted one, rarely)
     torch.distributed.destroy_process_group()
 
 
@@ -176,6 +178,7 @@ def _shared_worker(rank, world, port, path, result_dir):
     for n, g in want.items():
         torch.testing.assert_close(got[n], g, atol=1e-5 * float(g.abs().max()) + 1e-7, rtol=1e-4, msg=n)
     (result_dir / f"ok-{rank}").write_text("ok")
+    torch.distributed.barrier()  # both ranks done before either tears gloo down (an exit race aborted one, rarely)
     torch.distributed.destroy_process_group()
 
 
