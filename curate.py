@@ -14,7 +14,8 @@ Three steps (`--steps answer,reflect,build`), each resumable: it skips what an e
               is dropped and counted by reason, never trained on.  -> <out_dir>/reflections.jsonl
   3. build    two-round SFT records <think>R1</think> <answer>A1</answer> <reflection>F</reflection> <think>R2</think>
               <answer>A2</answer>, R1/A1 the policy's attempt verbatim, mixed --correct_fraction correct-and-refined
-              (paper: 30%) to flawed-and-revised; a train/val split by question; messages and sharegpt layouts.
+              (paper: 30%) to flawed-and-revised (--own_mix: every attempt, the policy's own share); a train/val
+              split by question; messages and sharegpt layouts.
               -> <out_dir>/sft_{train,val}.jsonl, sft_{train,val}_sharegpt.jsonl
 Then <out_dir>/summary.json: counts per step, drops by reason, the mix achieved, teacher tokens and cost, the files.
 
@@ -280,7 +281,9 @@ def build(cfg, out: Path) -> dict:
         raise SystemExit(f"build: no usable reflections in {out / 'reflections.jsonl'}; run --steps reflect first")
     correct = sorted((r for r in kept if attempts[r["key"]]["correct"]), key=lambda r: r["key"])
     flawed = sorted((r for r in kept if not attempts[r["key"]]["correct"]), key=lambda r: r["key"])
-    k, m = mix_counts(len(correct), len(flawed), cfg.correct_fraction)
+    # --own_mix: the first rounds the SFT imitates are then the policy's own sample of attempts, not one skewed to its
+    # mistakes, and the reflections' verdicts say "wrong" as often as the policy is wrong (docs/coldstart.md)
+    k, m = (len(correct), len(flawed)) if cfg.own_mix else mix_counts(len(correct), len(flawed), cfg.correct_fraction)
     rng = random.Random(cfg.seed)
     chosen = rng.sample(correct, k) + rng.sample(flawed, m)
     rng.shuffle(chosen)

@@ -212,6 +212,8 @@ class CurateConfig(EngineConfig, CommonConfig):
     usd_per_mtok_out: float = field(default=0.0, metadata={"help": "teacher price per million completion tokens"})
     # --- build: the SFT mix
     correct_fraction: float = field(default=0.3, metadata={"help": "share of correct-and-refined records (paper: 0.3; the rest flawed-and-revised)"})
+    own_mix: bool = field(default=False, metadata={"help": "keep every reflected attempt, so the correct share is the "
+                          "policy's own accuracy (the tiny world's recipe; overrides --correct_fraction)"})
     val_fraction: float = field(default=0.05, metadata={"help": "share of questions held out as the validation split"})
 
 

@@ -147,6 +147,11 @@ def test_reflect_and_build_with_the_oracle(tmp_path):
     # rerun: nothing left to do, same files
     again = curate.main(["--steps", "reflect,build", "--out_dir", str(out), "--val_fraction", "0.2"])
     assert again["steps"]["reflect"]["replies"] == 40 and again["files"] == summary["files"]
+    # --own_mix: every reflected attempt, so the share is the attempts' own (30 correct of 40), not 0.3
+    own = curate.main(["--steps", "build", "--out_dir", str(out), "--val_fraction", "0.2", "--own_mix", "true"])
+    b = own["steps"]["build"]
+    assert (b["correct_and_refined"], b["flawed_and_revised"], b["records"]) == (30, 10, 40)
+    assert own["correct_fraction"] == 0.75
 
 
 # ---------------------------------------------------------------------------------------------------- fake OpenAI server
