@@ -185,8 +185,6 @@ def main(argv=None):
                          f"{len(datas)} data, {len(preds)} predictions")
     if cfg.prompt not in SYSTEMS:
         raise SystemExit(f"--prompt must be srpo, grpo or none, got {cfg.prompt!r}")
-    if cfg.n_samples < 1 or (cfg.n_samples > 1 and cfg.temperature == 0):
-        raise SystemExit("--n_samples > 1 needs --temperature > 0 (greedy decoding gives the same response every time)")
 
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
