@@ -203,7 +203,7 @@ def main(argv=None):
         g = batch["groups"][0]
         if accelerator.is_main_process and cfg.samples_every and step % cfg.samples_every == 0:
             log.write_samples(cfg.out_dir, step + 1, g["rec"], g["completions"], g["scores"])
-        if (step + 1) % cfg.save_every == 0 or last:
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last:  # 0: only the final one
             checkpoint.save_checkpoint(accelerator, policy, processor, cfg.out_dir, step + 1, {"cursor": cursor},
                                        cfg.keep_checkpoints, optimizer=optimizer, scheduler=scheduler,
                                        export_dtype=checkpoint.export_dtype(cfg.export_dtype, accelerator))
