@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from nanosrpo import config, data, prompts, rewards, teacher
+from nanosrpo import config, data, log, prompts, rewards, teacher
 
 STEPS = ("answer", "reflect", "build")
 
@@ -311,6 +311,7 @@ def main(argv=None):
         raise SystemExit(f"--steps: unknown step(s) {unknown}; known: {','.join(STEPS)}")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    log.lock_out_dir(out)  # one run per --out_dir: a second one ends here, naming the first one's pid
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary.setdefault("steps", {})

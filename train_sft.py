@@ -59,6 +59,7 @@ def main(argv=None):
     model.use_cpu_cores(accelerator, cfg.cpu_threads)
     set_seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
+    log.lock_out_dir(out_dir)  # one run per --out_dir: a second one ends here, naming the first one's pid
     resume_from = checkpoint.latest_checkpoint(out_dir)  # None: a fresh run
     if resume_from is not None and not cfg.resume:
         raise SystemExit(f"{out_dir} already has {resume_from.name}: pass --resume to continue it, or a new --out_dir")

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -99,3 +100,44 @@ def test_nonsense_values_are_refused_in_one_line(cls, argv, line):
 def test_zero_group_size_ends_in_one_line():
     code, lines = run("train_grpo.py", "--group_size", "0")
     assert code != 0 and lines == ["--group_size must be at least 1, got 0"]
+
+
+# --------------------------------------------------------------------------------------------- one run per out_dir
+def hold(out_dir):
+    """A child process that claims out_dir, as a running script does, and keeps it until killed."""
+    code = f"import time; from nanosrpo import log; log.lock_out_dir({str(out_dir)!r}); print('held', flush=True); " \
+           "time.sleep(600)"
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+@pytest.mark.parametrize("script", ["train_grpo.py", "train_sft.py", "curate.py", "evaluate.py"])
+def test_busy_out_dir_is_refused_naming_the_pid(script, tmp_path):
+    out = tmp_path / "run"
+    holder = hold(out)
+    try:
+        code, lines = run(script, "--out_dir", str(out), "--cache_dir", str(tmp_path / "world"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code != 0 and lines == [f"{out} is in use by another run (pid {holder.pid}); wait for it to end or "
+                                   "choose another --out_dir"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # refused before writing anything
+    assert not (tmp_path / "world").exists()  # or building anything
+
+
+def test_a_killed_runs_lock_is_taken_over(tmp_path, monkeypatch):
+    from nanosrpo import log
+
+    out = tmp_path / "run"
+    holder = hold(out)
+    monkeypatch.setenv("RANK", "1")  # the other processes of a launch never claim (nor refuse) the folder
+    log.lock_out_dir(out)
+    monkeypatch.delenv("RANK")
+    holder.kill()  # SIGKILL: no handler of its own runs; the kernel drops its flock
+    holder.wait()
+    assert (out / ".lock").read_text().strip() == str(holder.pid)  # the stale file stays, naming a dead pid
+    log.lock_out_dir(out)
+    log.lock_out_dir(out)  # again in this process: already ours
+    assert (out / ".lock").read_text().strip() == str(os.getpid())
