@@ -304,12 +304,12 @@ def ensure_policy(cache_dir: str, size: str = "1m", text_only: bool = False, sta
         if not (out / "sft_train.jsonl").exists():
             cur = [sys.executable, str(repo / "curate.py"), *world, "--out_dir", str(out)]
             print(f"curating the tiny reflection data (once, cached in {out}): {' '.join(cur[1:])}", flush=True)
-            subprocess.run(cur, cwd=repo, env=env, check=True)
+            subprocess.run(cur, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)  # its summary is in out/
         sft_data = ["--data", str(out / "sft_train.jsonl")]
     cmd = [sys.executable, str(repo / "train_sft.py"), "--stage", stage, *world, "--out_dir", str(tmp), *sft_data,
            *RECIPE[stage]]
     print(f"building the tiny {stage} policy (once, cached in {dest}): {' '.join(cmd[1:])}", flush=True)
-    subprocess.run(cmd, cwd=repo, env=env, check=True)
+    subprocess.run(cmd, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)  # the bars are on stderr
     ckpt = latest_checkpoint(tmp)
     shutil.rmtree(run_dir, ignore_errors=True)
     tmp.rename(run_dir)
