@@ -397,8 +397,13 @@ def run(main) -> None:
     launcher (torchrun, accelerate launch) stops the rest within seconds when it sees the exit. The line also goes to
     the launcher's error file, so the failure summary it prints last shows it as the root cause. A one-line
     SystemExit (a refused option) leaves the same way, with status 1."""
+    from transformers.utils import logging as hf_logging
+
     from nanosrpo.data import DataError
 
+    # transformers' own bars ("Loading weights" at every from_pretrained, "Writing model shards" at every save) would
+    # cut into the scripts' one bar per stage, a checkpoint's in the middle of the run's; downloads keep theirs
+    hf_logging.set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
     try:
         main()
     except (DataError, OSError) as e:
