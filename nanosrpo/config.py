@@ -270,10 +270,10 @@ def validate(cfg) -> None:
     rules = []  # (holds, the line when it does not)
     if isinstance(cfg, GRPOConfig):
         rules += [
-            (cfg.temperature > 0, f"--temperature must be above 0 for GRPO (completions are sampled and scored at "
-                                  f"it), got {cfg.temperature:g}"),
-            (cfg.filter_low <= cfg.filter_high, f"--filter_low {cfg.filter_low:g} is above --filter_high "
-                                                f"{cfg.filter_high:g}: no group could pass the accuracy filter"),
+            (cfg.temperature > 0,
+             f"--temperature must be above 0 (rollouts are sampled and scored at it), got {cfg.temperature:g}"),
+            (cfg.filter_low <= cfg.filter_high,
+             f"--filter_low {cfg.filter_low:g} is above --filter_high {cfg.filter_high:g}: no group could pass"),
             (not (cfg.min_pixels and cfg.max_pixels) or cfg.min_pixels <= cfg.max_pixels,
              f"--min_pixels {cfg.min_pixels} is above --max_pixels {cfg.max_pixels}"),
             (cfg.ratio_cap == 0 or cfg.ratio_cap > 1 + cfg.clip_high,  # a lower cap would stop positive advantages too

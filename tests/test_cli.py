@@ -72,9 +72,9 @@ def test_defaults_and_presets_pass(cls, preset):
     (config.GRPOConfig, ["--micro_batch_size", "-2"], "--micro_batch_size must be at least 1, got -2"),
     (config.GRPOConfig, ["--filter_high", "1.5"], "--filter_high must be in [0, 1], got 1.5"),
     (config.GRPOConfig, ["--filter_low", "0.9", "--filter_high", "0.1"],
-     "--filter_low 0.9 is above --filter_high 0.1: no group could pass the accuracy filter"),
+     "--filter_low 0.9 is above --filter_high 0.1: no group could pass"),
     (config.GRPOConfig, ["--temperature", "0"],
-     "--temperature must be above 0 for GRPO (completions are sampled and scored at it), got 0"),
+     "--temperature must be above 0 (rollouts are sampled and scored at it), got 0"),
     (config.GRPOConfig, ["--min_pixels", "1000", "--max_pixels", "10"], "--min_pixels 1000 is above --max_pixels 10"),
     (config.GRPOConfig, ["--lr", "nan"], "--lr must be a finite number, got nan"),
     (config.GRPOConfig, ["--adam_beta2", "1"], "--adam_beta2 must be in [0, 1), got 1"),
@@ -121,8 +121,8 @@ def test_busy_out_dir_is_refused_naming_the_pid(script, tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    assert code != 0 and lines == [f"{out} is in use by another run (pid {holder.pid}); wait for it to end or "
-                                   "choose another --out_dir"]
+    line = f"{out} is in use by another run (pid {holder.pid}); wait for it to end or choose another --out_dir"
+    assert code != 0 and lines == [line]
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # refused before writing anything
     assert not (tmp_path / "world").exists()  # or building anything
 
