@@ -34,7 +34,9 @@ import sys
 import time
 from pathlib import Path
 
-from nanosrpo import config, data, prompts, rewards, teacher
+from tqdm import tqdm
+
+from nanosrpo import config, data, log, prompts, rewards, teacher
 
 STEPS = ("answer", "reflect", "build")
 
@@ -166,7 +168,6 @@ def answer(cfg, records: list[dict], out: Path, policy_path: str) -> dict:
     path = out / "answers.jsonl"
     done = {a["id"] for a in read_lines(path)}
     todo = [r for r in records if r["id"] not in done]
-    print(f"answer: {len(records) - len(todo)} questions already answered, {len(todo)} to go", flush=True)
     if todo:
         torch.manual_seed(cfg.seed + len(done))  # a resumed run does not replay the same random stream
         policy, processor = model.load_policy(policy_path) if cfg.engine == "transformers" else (None, model.load_processor(model.resolve(policy_path)))
@@ -175,6 +176,7 @@ def answer(cfg, records: list[dict], out: Path, policy_path: str) -> dict:
         gen = engine.make(cfg, policy, processor, model.resolve(policy_path))
         system = prompts.system_prompt(reflection=False)  # the policy answers as it would before any reflection SFT
         n, chunk = cfg.samples_per_question, max(1, cfg.gen_batch_size // cfg.samples_per_question)
+        bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="answer", unit="question")
         for s in range(0, len(todo), chunk):
             batch = todo[s : s + chunk]
             outs = gen.generate([data.render_prompt(r, system, processor) for r in batch], n, cfg.max_new_tokens,
@@ -186,7 +188,8 @@ def answer(cfg, records: list[dict], out: Path, policy_path: str) -> dict:
                     rows.append({"id": r["id"], "sample": k, "response": o["text"], "rounds": int(what["rounds"]),
                                  "correct": bool(what["first_correct"]), "record": r})
             append_lines(path, rows)  # a question is written with all its samples, or not at all
-            print(f"answer: {len(done) + s + len(batch)}/{len(records)} questions", flush=True)
+            bar.update(len(batch))
+        bar.close()
     attempts = read_lines(path)
     one = [a for a in attempts if a["rounds"] == 1]
     return {"questions": len({a["id"] for a in attempts}), "attempts": len(attempts), "one_round": len(one),
@@ -208,12 +211,14 @@ def reflect(cfg, out: Path) -> dict:
         if key in done or p.rounds != 1:  # a malformed attempt has no R1/A1 to reflect on (counted at build)
             continue
         jobs.append({"key": key, "record": a["record"], "think": p.think1, "answer": p.answer1})
-    print(f"reflect: {len(done)} attempts already reflected on, {len(jobs)} to go ({cfg.teacher} teacher)", flush=True)
     errors = {}  # transport failures: nothing usable came back; not written, so a rerun asks again
     if jobs:
         by_key = {j["key"]: j for j in jobs}
         t = teacher.make(cfg, str(out))
-        for i, (key, reply, info) in enumerate(t.reflect(jobs), 1):
+        bar = tqdm(total=len(done) + len(jobs), initial=len(done), desc=f"reflect ({cfg.teacher} teacher)",
+                   unit="attempt")
+        for key, reply, info in t.reflect(jobs):
+            bar.update()
             if info["error"]:
                 errors[info["error"]] = errors.get(info["error"], 0) + 1
                 continue
@@ -223,8 +228,7 @@ def reflect(cfg, out: Path) -> dict:
                    "prompt_tokens": info["prompt_tokens"], "completion_tokens": info["completion_tokens"],
                    "cached": info["cached"]}
             append_lines(path, [row])  # one line per reply as it arrives: a kill loses only the requests in flight
-            if i % 500 == 0:
-                print(f"reflect: {i}/{len(jobs)}", flush=True)
+        bar.close()
     rows = read_lines(path)
     dropped = {}
     for r in rows:
@@ -314,6 +318,7 @@ def main(argv=None):
         raise SystemExit(f"--steps: unknown step(s) {unknown}; known: {','.join(STEPS)}")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    log.lock_out_dir(out)  # one run per --out_dir: a second one ends here, naming the first one's pid
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary.setdefault("steps", {})

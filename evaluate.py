@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from nanosrpo import benchmarks, config, evaluation, prompts, tiny
+from nanosrpo import benchmarks, config, evaluation, log, prompts, tiny
 from nanosrpo.data import DataError
 
 SYSTEMS = {"srpo": prompts.SRPO_SYSTEM, "grpo": prompts.GRPO_SYSTEM, "none": None}
@@ -185,8 +185,7 @@ def main(argv=None):
                          f"{len(datas)} data, {len(preds)} predictions")
     if cfg.prompt not in SYSTEMS:
         raise SystemExit(f"--prompt must be srpo, grpo or none, got {cfg.prompt!r}")
-    if cfg.n_samples < 1 or (cfg.n_samples > 1 and cfg.temperature == 0):
-        raise SystemExit("--n_samples > 1 needs --temperature > 0 (greedy decoding gives the same response every time)")
+    log.lock_out_dir(cfg.out_dir)  # one run per --out_dir: a second one ends here, naming the first one's pid
 
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env

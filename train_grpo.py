@@ -35,6 +35,7 @@ def main(argv=None):
                          "fp32 policy): accelerate launch --config_file accelerate_fsdp.yaml (or --mixed_precision bf16)")
     model.use_cpu_cores(accelerator, cfg.cpu_threads)
     per_update, updates_per_step = config.grpo_update_plan(cfg, world)  # refuses uneven splits before anything loads
+    log.lock_out_dir(cfg.out_dir)  # one run per --out_dir: a second one ends here, naming the first one's pid
     two_round = cfg.reward_variant != "grpo"  # SRPO asks for think/answer/reflection/think/answer; GRPO for one round
     system = prompts.system_prompt(reflection=two_round, style=cfg.system_prompt)
 
@@ -203,7 +204,7 @@ def main(argv=None):
         g = batch["groups"][0]
         if accelerator.is_main_process and cfg.samples_every and step % cfg.samples_every == 0:
             log.write_samples(cfg.out_dir, step + 1, g["rec"], g["completions"], g["scores"])
-        if (step + 1) % cfg.save_every == 0 or last:
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last:  # 0: only the final one
             checkpoint.save_checkpoint(accelerator, policy, processor, cfg.out_dir, step + 1, {"cursor": cursor},
                                        cfg.keep_checkpoints, optimizer=optimizer, scheduler=scheduler,
                                        export_dtype=checkpoint.export_dtype(cfg.export_dtype, accelerator))

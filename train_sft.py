@@ -59,6 +59,7 @@ def main(argv=None):
     model.use_cpu_cores(accelerator, cfg.cpu_threads)
     set_seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
+    log.lock_out_dir(out_dir)  # one run per --out_dir: a second one ends here, naming the first one's pid
     resume_from = checkpoint.latest_checkpoint(out_dir)  # None: a fresh run
     if resume_from is not None and not cfg.resume:
         raise SystemExit(f"{out_dir} already has {resume_from.name}: pass --resume to continue it, or a new --out_dir")
@@ -78,7 +79,8 @@ def main(argv=None):
     # ---- records -> token ids + assistant-only loss mask. Images are re-read per batch, not held in memory.
     records = data.load_sft_records(data_path, cfg.image_dir or None)
     samples, chunk = [], 64  # a chunk at a time (data.tokenize_chats: image tokens counted from the image sizes)
-    for start in tqdm(range(0, len(records), chunk), desc=f"tokenizing ({chunk} a chunk)", disable=not is_main):
+    for start in tqdm(range(0, len(records), chunk), desc=f"tokenizing ({chunk} a chunk)", disable=not is_main,
+                      leave=False):
         part = records[start : start + chunk]
         for rec, s in zip(part, data.tokenize_chats(processor, [r["messages"] for r in part])):
             # Too long: skipped rather than cut, since a cut could split an image's tokens or drop the closing <|im_end|>.

@@ -36,12 +36,16 @@ import json
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 _NAME = re.compile(r"checkpoint-(\d+)$")
+# DCP warns at every save and load of a single-process run (no process group) that it assumes a single process: it is
+# right, and the two-line warning would cut into the run's progress bar at every checkpoint
+warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?unavailable or uninitialized")
 
 
 def save_checkpoint(accelerator, model, processor, out_dir, step: int, state: dict, keep: int = 2, *, optimizer,

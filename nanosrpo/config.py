@@ -6,7 +6,9 @@ CLI flags > YAML > preset > defaults. Everything a run decides is written next t
 """
 
 import json
+import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -68,11 +70,6 @@ class TrainConfig(CommonConfig):
         "shard the policy with torch FSDP2 fully_shard per decoder layer and vision block, reshard after forward, "
         "as accelerate_fsdp.yaml does on GPUs; for the CPU rehearsal (gloo); on GPUs use accelerate's FSDP config "
         "instead")})
-
-    def __post_init__(self):
-        check_attn_implementation(self.attn_implementation, getattr(self, "engine", None), getattr(self, "bf16", True))
-        if self.export_dtype not in ("auto", "bfloat16", "float32"):
-            raise SystemExit(f"--export_dtype must be auto, bfloat16 or float32, got {self.export_dtype!r}")
 
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -178,12 +175,6 @@ class GRPOConfig(EngineConfig, TrainConfig):
     report_to: str = field(default="", metadata={"help": "accelerate trackers: tensorboard, wandb, ... ('' = none)"})
     plot: bool = field(default=True, metadata={"help": "draw training-dynamics PNGs at the end (needs matplotlib)"})
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.ratio_cap < 0 or 0 < self.ratio_cap <= 1 + self.clip_high:  # it would stop positive advantages too
-            raise SystemExit(f"--ratio_cap must be 0 (none) or above 1 + --clip_high = {1 + self.clip_high:g}, "
-                             f"got {self.ratio_cap:g}")
-
 
 @dataclass
 class CurateConfig(EngineConfig, CommonConfig):
@@ -230,6 +221,80 @@ class EvalConfig(EngineConfig, CommonConfig):
     n_samples: int = field(default=1, metadata={"help": "responses per record (> 1 needs --temperature > 0): mean accuracy and pass@k"})
     temperature: float = field(default=0.0, metadata={"help": "sampling temperature; 0 = greedy"})
     limit: int = field(default=0, metadata={"help": "evaluate only the first N records of each benchmark (0: all)"})
+
+
+# ------------------------------------------------------------------------------------------------------ option ranges
+# What each numeric option may be, checked by parse() before anything loads: a nonsense value ends in one line naming
+# the flag (`--group_size must be at least 1, got 0`), not in a traceback from deep inside the run. Keyed by field
+# name (an option means the same in every script that has it); 0 is allowed where the help gives it a meaning.
+AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+AT_LEAST_0 = (lambda v: v >= 0, "0 or more")
+ABOVE_0 = (lambda v: v > 0, "above 0")
+FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+BELOW_1 = (lambda v: 0 <= v < 1, "in [0, 1)")
+SHARE = (lambda v: 0 < v <= 1, "in (0, 1]")
+RANGES = {
+    # CommonConfig, EngineConfig
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"), "cpu_threads": AT_LEAST_0,
+    "max_new_tokens": AT_LEAST_1, "temperature": AT_LEAST_0, "top_p": SHARE, "gen_batch_size": AT_LEAST_1,
+    "vllm_gpu_memory_utilization": SHARE, "vllm_max_model_len": AT_LEAST_1, "vllm_max_images": AT_LEAST_1,
+    # TrainConfig, SFTConfig
+    "lr": ABOVE_0, "weight_decay": AT_LEAST_0, "warmup_ratio": FRACTION, "max_grad_norm": ABOVE_0,
+    "max_steps": AT_LEAST_0, "epochs": ABOVE_0, "save_every": AT_LEAST_0, "keep_checkpoints": AT_LEAST_0,
+    "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1, "max_length": AT_LEAST_1, "bucket": AT_LEAST_1,
+    # GRPOConfig
+    "max_prompt_length": AT_LEAST_0, "min_pixels": AT_LEAST_0, "max_pixels": AT_LEAST_0, "alpha": AT_LEAST_0,
+    "group_size": AT_LEAST_1, "rollout_batch_size": AT_LEAST_1, "filter_low": FRACTION, "filter_high": FRACTION,
+    "max_draws": AT_LEAST_1, "train_batch_size": AT_LEAST_1, "micro_batch_size": AT_LEAST_1, "ppo_epochs": AT_LEAST_1,
+    "adam_beta1": BELOW_1, "adam_beta2": BELOW_1, "min_lr_ratio": FRACTION, "clip_low": BELOW_1,
+    "clip_high": AT_LEAST_0, "kl_coef": AT_LEAST_0, "tis_cap": AT_LEAST_0, "ratio_cap": AT_LEAST_0,
+    "eval_every": AT_LEAST_0, "eval_size": AT_LEAST_1, "samples_every": AT_LEAST_0,
+    # CurateConfig
+    "max_questions": AT_LEAST_0, "samples_per_question": AT_LEAST_1, "teacher_concurrency": AT_LEAST_1,
+    "teacher_max_retries": AT_LEAST_0, "teacher_timeout": ABOVE_0, "teacher_max_tokens": AT_LEAST_1,
+    "teacher_temperature": AT_LEAST_0, "usd_per_mtok_in": AT_LEAST_0, "usd_per_mtok_out": AT_LEAST_0,
+    "correct_fraction": FRACTION, "val_fraction": FRACTION,
+    # EvalConfig
+    "n_samples": AT_LEAST_1, "limit": AT_LEAST_0,
+}
+
+
+def validate(cfg) -> None:
+    """Refuse, in one line naming the flag, settings no run can use: each option's range (RANGES), then the options
+    that bound each other, then the choices. parse() calls it, before anything is built or loaded."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        shown = f"{value:g}" if isinstance(value, float) else value
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SystemExit(f"--{f.name} must be a finite number, got {shown}")
+        if f.name in RANGES and not (isinstance(value, (int, float)) and RANGES[f.name][0](value)):
+            raise SystemExit(f"--{f.name} must be {RANGES[f.name][1]}, got {shown}")
+    rules = []  # (holds, the line when it does not)
+    if isinstance(cfg, GRPOConfig):
+        rules += [
+            (cfg.temperature > 0,
+             f"--temperature must be above 0 (rollouts are sampled and scored at it), got {cfg.temperature:g}"),
+            (cfg.filter_low <= cfg.filter_high,
+             f"--filter_low {cfg.filter_low:g} is above --filter_high {cfg.filter_high:g}: no group could pass"),
+            (not (cfg.min_pixels and cfg.max_pixels) or cfg.min_pixels <= cfg.max_pixels,
+             f"--min_pixels {cfg.min_pixels} is above --max_pixels {cfg.max_pixels}"),
+            (cfg.ratio_cap == 0 or cfg.ratio_cap > 1 + cfg.clip_high,  # a lower cap would stop positive advantages too
+             f"--ratio_cap must be 0 (none) or above 1 + --clip_high = {1 + cfg.clip_high:g}, got {cfg.ratio_cap:g}"),
+        ]
+    if isinstance(cfg, CurateConfig):
+        rules.append((cfg.greedy or cfg.temperature > 0,
+                      "--temperature must be above 0 for sampled attempts (or pass --greedy true), got 0"))
+    if isinstance(cfg, EvalConfig):
+        rules.append((cfg.n_samples == 1 or cfg.temperature > 0,
+                      "--n_samples > 1 needs --temperature > 0 (greedy decoding gives the same response every time)"))
+    if isinstance(cfg, TrainConfig):
+        rules.append((cfg.export_dtype in ("auto", "bfloat16", "float32"),
+                      f"--export_dtype must be auto, bfloat16 or float32, got {cfg.export_dtype!r}"))
+    for holds, line in rules:
+        if not holds:
+            raise SystemExit(line)
+    if isinstance(cfg, TrainConfig):
+        check_attn_implementation(cfg.attn_implementation, getattr(cfg, "engine", None), getattr(cfg, "bf16", True))
 
 
 # The paper's settings (SRPO, Sec. 4 and appendix) as named presets: field -> value, applied under CLI flags.
@@ -297,6 +362,11 @@ def parse(cls, argv: list[str] | None = None):
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(cls)
+
+    def error(message: str):  # argparse's own prints the whole usage (some 80 options) above the line that matters
+        raise SystemExit(re.sub(r"(--\w+)/--[\w-]+", r"\1", message.rstrip(".")) + "; see --help")  # --a_b/--a-b
+
+    parser.error = error
     from_yaml = {}
     if argv and argv[0].endswith((".yaml", ".yml")):
         with open(argv.pop(0)) as f:
@@ -307,7 +377,7 @@ def parse(cls, argv: list[str] | None = None):
             raise SystemExit(f"config file: unknown option(s) {unknown}; see --help")
     preset = from_yaml.get("preset", "")
     if "--preset" in argv:
-        preset = argv[argv.index("--preset") + 1]
+        preset = argv[argv.index("--preset") + 1] if argv[-1] != "--preset" else ""
     if preset and preset not in PRESETS:
         raise SystemExit(f"unknown --preset {preset!r}; known: {sorted(PRESETS)}")
     parser.set_defaults(**{**PRESETS.get(preset, {}).get(cls.__name__, {}), **from_yaml})
@@ -316,6 +386,7 @@ def parse(cls, argv: list[str] | None = None):
     except ValueError as e:  # HfArgumentParser's "Some specified arguments are not used by the HfArgumentParser: [...]"
         unknown = str(e).split(":", 1)[-1].strip()
         raise SystemExit(f"unknown option(s) {unknown}; see --help") from None
+    validate(cfg)
     return cfg
 
 
@@ -328,8 +399,13 @@ def run(main) -> None:
     launcher (torchrun, accelerate launch) stops the rest within seconds when it sees the exit. The line also goes to
     the launcher's error file, so the failure summary it prints last shows it as the root cause. A one-line
     SystemExit (a refused option) leaves the same way, with status 1."""
+    from transformers.utils import logging as hf_logging
+
     from nanosrpo.data import DataError
 
+    # transformers' own bars ("Loading weights" at every from_pretrained, "Writing model shards" at every save) would
+    # cut into the scripts' one bar per stage, a checkpoint's in the middle of the run's; downloads keep theirs
+    hf_logging.set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
     try:
         main()
     except (DataError, OSError) as e:

@@ -6,14 +6,18 @@ Public API (shared by train_sft.py and train_grpo.py; keep it small and stable):
                                                             the lines up to resume_step)
   write_run_info(out_dir, cfg, **extra)                     writes out_dir/run.json: config, seed, versions, git
                                                             commit, sha256 of data files, start time
+  lock_out_dir(out_dir)                                     claims out_dir for this run (every script, first thing
+                                                            before it writes there); a busy one ends in one line
 
 Only the main process writes: callers pass enabled=accelerator.is_main_process (write_run_info is called on the main
 process only). Nothing here ever fails a run for the sake of bookkeeping (a missing git, say).
 """
 
 import datetime
+import fcntl
 import hashlib
 import json
+import os
 import platform
 import subprocess
 from dataclasses import asdict, is_dataclass
@@ -67,6 +71,40 @@ def _jsonable(x):
     if hasattr(x, "item"):
         return x.item()
     return str(x)
+
+
+_held = {}  # out_dir -> the open .lock file whose flock this process holds (until it exits)
+
+
+def lock_out_dir(out_dir: str | Path) -> None:
+    """Claim out_dir for this run, or end in one line naming the run that has it: two runs writing into one folder
+    interleave (and truncate) each other's metrics.jsonl and overwrite each other's checkpoints.
+
+    The claim is an flock on out_dir/.lock, which holds the owner's pid for that line. The kernel drops an flock when
+    its holder exits, however it exits, so a killed run leaves nothing locked (its .lock is then just a file, taken
+    over by the next run: --resume works). Held until the process exits; claiming a folder this process already holds
+    does nothing. Under a launcher only rank 0 claims: the other processes of a run are that run.
+    """
+    if os.environ.get("RANK", "0") != "0":
+        return
+    key = Path(out_dir).resolve()
+    if key in _held:
+        return
+    key.mkdir(parents=True, exist_ok=True)
+    f = open(key / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise SystemExit(f"{out_dir} is in use by another run (pid {pid}); wait for it to end or choose another "
+                         f"--out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _held[key] = f
 
 
 def sha256_of(path: str | Path) -> str | None:

@@ -226,6 +226,8 @@ def ensure_world(cache_dir: str, size: str = "1m", text_only: bool = False, diff
     if (root / "DONE").exists():
         return paths
     t0 = time.time()
+    print(f"building the tiny world once (a random {size} model, its questions and SFT data), cached in {root}",
+          flush=True)
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     info = build_tiny(tmp / "init", size=size, text_only=text_only, mix=mix)
@@ -303,13 +305,15 @@ def ensure_policy(cache_dir: str, size: str = "1m", text_only: bool = False, sta
         out = root / "curate"  # build picks up where it stopped)
         if not (out / "sft_train.jsonl").exists():
             cur = [sys.executable, str(repo / "curate.py"), *world, "--out_dir", str(out)]
-            print(f"curating the tiny reflection data (once, cached in {out}): {' '.join(cur[1:])}", flush=True)
-            subprocess.run(cur, cwd=repo, env=env, check=True)
+            print(f"curating the tiny reflection data once (curate.py: the base answers, the oracle reflects), "
+                  f"cached in {out}", flush=True)
+            subprocess.run(cur, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)  # its summary is in out/
         sft_data = ["--data", str(out / "sft_train.jsonl")]
     cmd = [sys.executable, str(repo / "train_sft.py"), "--stage", stage, *world, "--out_dir", str(tmp), *sft_data,
            *RECIPE[stage]]
-    print(f"building the tiny {stage} policy (once, cached in {dest}): {' '.join(cmd[1:])}", flush=True)
-    subprocess.run(cmd, cwd=repo, env=env, check=True)
+    print(f"building the tiny {stage} policy once (train_sft.py --stage {stage} {' '.join(RECIPE[stage])}"
+          f"{' on the curated data' if curated else ''}), cached in {dest}", flush=True)
+    subprocess.run(cmd, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)  # the bars are on stderr
     ckpt = latest_checkpoint(tmp)
     shutil.rmtree(run_dir, ignore_errors=True)
     tmp.rename(run_dir)

@@ -235,9 +235,10 @@ def test_gradient_checkpointing_recomputes_in_the_update(world, tmp_path, monkey
 def test_dynamic_sampling_that_cannot_fill_the_batch_warns(world, tmp_path, capsys):
     import train_grpo
 
-    # no group can pass (mean accuracy >= 1.01): every draw is filtered, the batch is topped up at zero advantage
+    # no group can pass (mean accuracy 1, where all are right alike): every draw is filtered, the batch is topped up
+    # at zero advantage
     train_grpo.main(args(world, tmp_path, "--max_steps", "1", "--eval_every", "0", "--filter_accuracy", "true",
-                         "--filter_low", "1.01", "--filter_high", "2", "--max_draws", "3"))
+                         "--filter_low", "1", "--filter_high", "1", "--max_draws", "3"))
     (row,) = steps_of(tmp_path)
     assert (row["filtered_groups"], row["short_groups"]) == (6, 2)  # 3 draws x 2 prompts filtered; 2 groups short
     assert row["loss"] == 0 and row["grad_norm"] == 0  # zero advantages teach nothing
@@ -257,8 +258,8 @@ def test_epochs_count_passes_over_the_data(world, tmp_path):
     assert [r["step"] for r in steps_of(tmp_path / "plain")] == [1, 2, 3, 4]
     assert (tmp_path / "plain" / "checkpoint-4").exists()
     # dynamic sampling consumes 2 draws x 2 prompts = one pass per step: the 2 passes end after 2 steps
-    train_grpo.main(args(world, tmp_path / "filtered", *common, "--filter_accuracy", "true", "--filter_low", "1.01",
-                         "--filter_high", "2", "--max_draws", "2"))
+    train_grpo.main(args(world, tmp_path / "filtered", *common, "--filter_accuracy", "true", "--filter_low", "1",
+                         "--filter_high", "1", "--max_draws", "2"))
     assert [r["step"] for r in steps_of(tmp_path / "filtered")] == [1, 2]
     assert (tmp_path / "filtered" / "checkpoint-2").exists()
 
