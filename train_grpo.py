@@ -22,7 +22,7 @@ from accelerate.utils import DistributedType, gather_object
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from nanosrpo import checkpoint, config, data, engine, evaluation, grpo, log, model, optim, prompts, rewards, rollout, tiny
+from nanosrpo import checkpoint, config, data, engine, evaluation, forward, grpo, log, model, optim, prompts, rewards, rollout, tiny
 
 
 def main(argv=None):
@@ -131,8 +131,8 @@ def main(argv=None):
         policy.train()  # generate() runs in eval mode; gradient checkpointing runs only in train mode
         with torch.no_grad(), accelerator.autocast():  # one pass over all samples each, before any update
             every = (samples, cfg.micro_batch_size, processor, accelerator.device, None, layout)  # all samples, in order
-            old_lp = None if on_policy else grpo.logprobs_by_sample(policy, data.micro_batches(*every), cfg.temperature)
-            ref_lp = None if ref_policy is None else grpo.logprobs_by_sample(ref_policy, data.micro_batches(*every), cfg.temperature)
+            old_lp = None if on_policy else forward.logprobs_by_sample(policy, data.micro_batches(*every), cfg.temperature)
+            ref_lp = None if ref_policy is None else forward.logprobs_by_sample(ref_policy, data.micro_batches(*every), cfg.temperature)
         order_gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
         loss_sum, stats_all, grad_norms = 0.0, [], []
         for _ in range(cfg.ppo_epochs):
@@ -148,12 +148,12 @@ def main(argv=None):
                 n_micro = math.ceil(len(update) / cfg.micro_batch_size)  # collated one at a time, as they are used
                 for j, (idx, mb) in enumerate(data.micro_batches(samples, cfg.micro_batch_size, processor, accelerator.device, update, layout)):
                     with optim.grad_sync(accelerator, policy, last=j == n_micro - 1), accelerator.autocast():
-                        lp = grpo.sequence_logprobs(policy, mb, temperature=cfg.temperature)
-                        old = lp.detach() if on_policy else grpo.stack_rows([old_lp[i] for i in idx], lp.shape[1]).to(lp.device)
-                        ref = None if ref_lp is None else grpo.stack_rows([ref_lp[i] for i in idx], lp.shape[1]).to(lp.device)
+                        lp = forward.sequence_logprobs(policy, mb, temperature=cfg.temperature)
+                        old = lp.detach() if on_policy else data.stack_rows([old_lp[i] for i in idx], lp.shape[1]).to(lp.device)
+                        ref = None if ref_lp is None else data.stack_rows([ref_lp[i] for i in idx], lp.shape[1]).to(lp.device)
                         tis = None  # truncated importance weights min(pi_trainer / pi_engine, cap)
                         if cfg.tis_cap > 0:
-                            engine_lp = grpo.stack_rows([samples[i]["engine_lp"] for i in idx], lp.shape[1]).to(lp.device)
+                            engine_lp = data.stack_rows([samples[i]["engine_lp"] for i in idx], lp.shape[1]).to(lp.device)
                             tis = (old - engine_lp).exp().clamp(max=cfg.tis_cap)
                         loss, stats = grpo.policy_loss(
                             lp, old, advantages[idx].to(lp.device), mb["loss_mask"], clip_low=cfg.clip_low,

@@ -41,7 +41,7 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from nanosrpo import checkpoint, config, data, grpo, log, model, optim, tiny
+from nanosrpo import checkpoint, config, data, forward, log, model, optim, tiny
 
 
 def main(argv=None):
@@ -160,10 +160,10 @@ def main(argv=None):
             real = batch["seq_lens"].sum().item() if packed else batch["attention_mask"].sum().item()
             n_real, n_padded = n_real + real, n_padded + (real if packed else batch["attention_mask"].numel())
             with optim.grad_sync(accelerator, policy, last=i == len(mine) - 1), accelerator.autocast():
-                # GRPO's log-probs (grpo.sequence_logprobs: float32 a chunk of positions at a time, never the full
+                # GRPO's log-probs (forward.sequence_logprobs: float32 a chunk of positions at a time, never the full
                 # vocabulary's logits for the batch; packed rows unpacked) at temperature 1: the cross-entropy summed
                 # over assistant tokens. [B, T], right-padded; a sequence's first token is never a target.
-                lp = grpo.sequence_logprobs(policy, batch)
+                lp = forward.sequence_logprobs(policy, batch)
                 mb_loss = -(lp * batch["loss_mask"])[:, 1:].sum()
                 # DDP/FSDP average gradients over processes; multiplying by `world` turns that average into the sum.
                 accelerator.backward(mb_loss * world / n_target)

@@ -5,7 +5,7 @@
     python bench/gpu.py --json out/gpu.json      # the figures as JSON too
 
 What one timed step is: the GRPO update's forward + backward of one micro-batch, as train_grpo.py runs it
-(grpo.sequence_logprobs, then grpo.policy_loss, then backward; vision tower frozen, as the preset has it), in bf16.
+(forward.sequence_logprobs, then grpo.policy_loss, then backward; vision tower frozen, as the preset has it), in bf16.
 The micro-batch has the preset's shape: micro_batch_size (4) sequences, each an image of the preset's max_pixels
 (501,760 px: 640 vision tokens) in a rendered SRPO prompt, then a completion of a length drawn uniformly from
 [--min_response, max_new_tokens = 2048] (seeded), so the sequences are uneven, as real rollouts are.
@@ -135,10 +135,10 @@ def make_samples(processor, n: int, max_pixels: int, min_response: int, max_resp
 # ----------------------------------------------------------------------------------------------------- measuring
 def train_step(model, batch: dict) -> None:
     """One micro-batch of the GRPO update: log-probs, the clipped loss (on-policy ratio 1, random advantages), backward."""
-    from nanosrpo import grpo
+    from nanosrpo import forward, grpo
 
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        lp = grpo.sequence_logprobs(model, batch)
+        lp = forward.sequence_logprobs(model, batch)
         adv = torch.randn(lp.shape[0], device=lp.device)
         loss, _ = grpo.policy_loss(lp, lp.detach(), adv, batch["loss_mask"], max_len=lp.shape[1])
     loss.backward()

@@ -52,7 +52,7 @@ What the trainer keeps (train_grpo.py + accelerate 1.15 FSDP2, accelerate_fsdp.y
     stored  = B*T*(L*A_layer + 2*s*d)               no checkpointing (+ the M-RoPE cos/sin, shared by the layers)
     stored  = B*T*(L*s*h     + 2*s*d) + B*T*T       gradient checkpointing: each layer's input + the bool mask
     head    = B*T*(4h + 2*s*h)                      the final RMSNorm (its output is lm_head's input)
-    logits  = B*T*s*V          the model materialises bf16 logits [B, T, V] once (grpo.sequence_logprobs)
+    logits  = B*T*s*V          the model materialises bf16 logits [B, T, V] once (forward.sequence_logprobs)
     loss backward   = 2*B*T*s*V + k*4*V*c    sequence_logprobs scores 1024-row chunks under checkpointing; in
                       backward each chunk's slice gradient is a full-size [B*T, V] tensor (autograd's SliceBackward)
                       added into the logits' gradient buffer (another full [B*T, V]); plus a chunk's fp32 working
@@ -99,7 +99,7 @@ Phases per GPU:
              hands the trainer's freed blocks back to the driver.
 
 --check_tiny: the same formulas against reality on CPU: tiny.build_tiny(size="10m"), one real GRPO micro-batch
-(data.collate of a synthetic-task prompt with its image + a completion; grpo.sequence_logprobs + grpo.policy_loss;
+(data.collate of a synthetic-task prompt with its image + a completion; forward.sequence_logprobs + grpo.policy_loss;
 backward; AdamW) in fp32, 1 process, no FSDP, at a few shapes. Memory is counted by torch.profiler(profile_memory=True):
 every allocation and free of PyTorch's CPU allocator while profiling, replayed in time order, gives the live tensor
 bytes and their peak (what torch.cuda.max_memory_allocated reports on a GPU). Not RSS: RSS includes malloc's caches,
@@ -446,7 +446,7 @@ def measure_step(policy, batch: dict) -> dict:
     (-> what it keeps for backward) and a backward (-> the activations' peak)."""
     import torch
 
-    from nanosrpo import grpo
+    from nanosrpo import forward, grpo
 
     params = [p for p in policy.parameters() if p.requires_grad]
     for p in params:
@@ -455,18 +455,18 @@ def measure_step(policy, batch: dict) -> dict:
     adv = torch.linspace(-1, 1, batch["input_ids"].shape[0])
     state = {}
 
-    def forward():
-        lp = grpo.sequence_logprobs(policy, batch)
+    def forward_pass():
+        lp = forward.sequence_logprobs(policy, batch)
         state["loss"] = grpo.policy_loss(lp, lp.detach(), adv, batch["loss_mask"])[0]
 
-    def backward():
+    def backward_pass():
         state.pop("loss").backward()
 
-    _, grads = live_bytes(lambda: (forward(), backward()))
+    _, grads = live_bytes(lambda: (forward_pass(), backward_pass()))
     _, adam = live_bytes(opt.step)
     opt.zero_grad(set_to_none=False)  # keep the gradient tensors: the next backward accumulates into them
-    fwd_peak, kept = live_bytes(forward)
-    bwd_peak, _ = live_bytes(backward)
+    fwd_peak, kept = live_bytes(forward_pass)
+    bwd_peak, _ = live_bytes(backward_pass)
     return {"grads": grads, "adam": adam, "kept": kept, "activations": max(fwd_peak, kept + bwd_peak)}
 
 

@@ -27,7 +27,7 @@ The same work on both sides, step for step:
 What differs is each tool's own way of doing that work, which is what is measured: TRL's training forward asks the
 model for log-probs of the completion positions only (fused_lm_head, logits_to_keep) and also computes the token
 entropy (it logs it); nanosrpo computes each group's prompt once, in decoding and in the update, and logits only
-where they predict a completion token (nanosrpo/attention.py, data.shared_batch, grpo.sequence_logprobs).
+where they predict a completion token (nanosrpo/attention.py, data.shared_batch, forward.sequence_logprobs).
 The random-init twin writes no answer tags, so its rewards (and advantages, and the loss's gradient) are 0 on both
 sides: the arithmetic of the step is all done, but the reward path stops early and the weights do not move; pass a
 trained checkpoint with --model for rewards and curves that mean something, with room for its answers, e.g. the text

@@ -9,7 +9,7 @@ completion attend to them gives the same numbers, for a fraction of the work.
 The model stays transformers' own (its layers, RoPE, MLPs, gradient checkpointing, FSDP): only the attention call is
 swapped, through transformers' AttentionInterface, for `attention` below, which takes one of two layouts as a
 keyword argument of the forward (transformers hands unknown forward kwargs down to the attention function):
-  shared_prompt=(P, n)   training (data.shared_batch, grpo.sequence_logprobs): one row per group,
+  shared_prompt=(P, n)   training (data.shared_batch, forward.sequence_logprobs): one row per group,
                          [prompt, right-padded to P | slot 1 | ... | slot n], each slot one completion right-padded to
                          L = (T - P) / n; the forward's 4-D attention_mask [rows * n, 1, L, P + L] says which prompt
                          keys are real (a 4-D mask is passed through by transformers as it is)

@@ -81,7 +81,7 @@ def export_policy(accelerator, model, processor, path, dtype: torch.dtype | None
     """save_pretrained of model's full weights in `dtype` (None: as trained) + processor into `path`, on the main
     process. Collective under FSDP2 (every process must call it); rank 0 holds one copy of the weights, on the CPU."""
     from nanosrpo import engine
-    from nanosrpo.grpo import unwrap
+    from nanosrpo.forward import unwrap
     from nanosrpo.model import is_sharded
 
     module = unwrap(model)

@@ -320,7 +320,7 @@ def collate(processor, samples: list[dict], pad_side: str = "right", share_image
 
     Returns input_ids, attention_mask, loss_mask (1 = a token to learn), labels (IGNORE where loss_mask is 0), and for
     images pixel_values, image_grid_thw and mm_token_type_ids (Qwen2.5-VL needs the last to build M-RoPE positions).
-    share_images: images repeated across samples are processed once (see _add_images; for grpo.sequence_logprobs).
+    share_images: images repeated across samples are processed once (see _add_images; for forward.sequence_logprobs).
     """
     tok = tokenizer_of(processor)
     width = max(len(s["input_ids"]) for s in samples)
@@ -344,8 +344,8 @@ def _add_images(batch: dict, processor, samples: list[dict], share_images: bool 
     share_images: the n completions of a GRPO group carry the same image objects (their prompt's). Each distinct
     image (by identity) is then processed once and, if some repeat, batch["image_index"] [n_images] says which
     distinct image each occurrence is: pixel_values hold the distinct images only, image_grid_thw stays one row per
-    occurrence (the M-RoPE positions and the image-token count read it), and grpo.sequence_logprobs runs the vision
-    tower once per distinct image (grpo.logits_sharing_images). Without repeats the batch is as without sharing.
+    occurrence (the M-RoPE positions and the image-token count read it), and forward.sequence_logprobs runs the vision
+    tower once per distinct image (forward.logits_sharing_images). Without repeats the batch is as without sharing.
     """
     images = [im for s in samples for im in s.get("images", [])]
     if images:
@@ -370,9 +370,9 @@ def packed_batch(processor, samples: list[dict], share_images: bool = False) -> 
     block-diagonal causal mask (same numbers, no saving). The images of all samples go in order, as in collate, so
     the i-th image's features land on the i-th run of <|image_pad|> tokens. labels [1, N] as in collate, and IGNORE
     on each sample's first token (in the row it would be "predicted" from the previous sample's last token).
-    seq_lens [B] says where the samples are; loss_mask stays [B, T] right-padded, because grpo.sequence_logprobs
+    seq_lens [B] says where the samples are; loss_mask stays [B, T] right-padded, because forward.sequence_logprobs
     unpacks the log-probs into that layout, so the loss code does not change. Qwen2.5-VL also needs 3-D M-RoPE
-    positions per sample; they depend on the model's config, so grpo.packed_position_ids adds them at the forward.
+    positions per sample; they depend on the model's config, so forward.packed_position_ids adds them at the forward.
     """
     lens = [len(s["input_ids"]) for s in samples]
     ids = torch.tensor([t for s in samples for t in s["input_ids"]], dtype=torch.long).unsqueeze(0)
@@ -400,7 +400,7 @@ def shared_batch(processor, samples: list[dict]) -> dict:
     (P, L: the longest prompt and completion of the micro-batch; n: the most completions in a row). Positions are the
     ones each sample has alone: the prompt counts 0, 1, ...; every slot continues from its row's prompt length.
     Returns the model inputs (input_ids [rows, T], position_ids [rows, T], attention_mask: the completions' 4-D mask,
-    images once per row), the layout shared_prompt=(P, n), the log-prob bookkeeping for grpo.sequence_logprobs
+    images once per row), the layout shared_prompt=(P, n), the log-prob bookkeeping for forward.sequence_logprobs
     (logits_to_keep: the positions whose logits predict a completion token; src_row / src_col / targets: each
     completion token's predicting position among them and its id; dst_b / dst_t: where its log-prob goes), and
     loss_mask / sample_lens in the right-padded per-sample layout of collate, so the loss code does not change.
@@ -461,7 +461,7 @@ def micro_batches(samples: list[dict], size: int, processor, device, indices: li
     """(indices, batch on `device`) for consecutive chunks of `size` of samples[indices] (default: all of them, in
     order), laid out as `layout`: "padded" (collate, right-padded), "packed" (packed_batch: one row without padding,
     flash-attention only) or "shared" (shared_batch: one copy of each group's prompt; the samples of a group must be
-    consecutive in `indices`). The batches are for grpo.sequence_logprobs, so a group's shared prompt image is
+    consecutive in `indices`). The batches are for forward.sequence_logprobs, so a group's shared prompt image is
     processed (and encoded) once in every layout."""
     indices = list(range(len(samples))) if indices is None else indices
     for s in range(0, len(indices), size):
@@ -469,6 +469,14 @@ def micro_batches(samples: list[dict], size: int, processor, device, indices: li
         chunk = [samples[i] for i in idx]
         batch = shared_batch(processor, chunk) if layout == "shared" else (packed_batch if layout == "packed" else collate)(processor, chunk, share_images=True)
         yield idx, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def stack_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Per-sample rows back into one right-padded [B, width] tensor (zeros past each row's end)."""
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
 
 
 def prompt_index(position: int, n_records: int, seed: int) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanosrpo import attention, data, grpo
+from nanosrpo import attention, data, forward
 
 
 # Wrapper prefixes a trainer's module tree may add around the HF model.
@@ -77,7 +77,7 @@ def trainer_weights(model, dtype: torch.dtype | None = None, skip_frozen: bool =
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover
         DTensor = ()
-    module = grpo.unwrap(model)
+    module = forward.unwrap(model)
     cfg = getattr(module, "config", None)
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     tied = bool(getattr(cfg, "tie_word_embeddings", False) or getattr(text_cfg, "tie_word_embeddings", False))

@@ -125,7 +125,7 @@ def load_policy(name_or_path: str, dtype: torch.dtype = torch.float32, attn_impl
 
 def shares_prompts(model) -> bool:
     """Whether the model's attention takes nanosrpo.attention's shared-prompt layouts (loaded with sdpa)."""
-    from nanosrpo.grpo import unwrap
+    from nanosrpo.forward import unwrap
 
     config = unwrap(model).config
     return getattr(config.get_text_config(), "_attn_implementation", None) == attention.NAME

@@ -56,7 +56,7 @@ def reference_generate(policy, processor, prompt, eng, max_new):
 
 def teacher_forced(policy, processor, prompt, completion, temperature, suppress):
     """log_softmax((logits with suppressed ids at -inf) / temperature) at each completion token, from one forward
-    over prompt + completion (grpo.sequence_logprobs' computation plus the engine's suppression)."""
+    over prompt + completion (forward.sequence_logprobs' computation plus the engine's suppression)."""
     sample = {"input_ids": prompt["ids"] + completion, "loss_mask": [0] * (len(prompt["ids"]) + len(completion)), "images": prompt["images"]}
     batch = data.collate(processor, [sample])
     inputs = {k: v for k, v in batch.items() if k not in ("loss_mask", "labels")}

@@ -75,16 +75,16 @@ def test_fully_shard_full_state_dict_on_gloo(tiny_dir, tmp_path):
 
 # ----------------------------------------------------------------------------------------------------- training
 def _loss(policy, batch):
-    from nanosrpo import grpo
+    from nanosrpo import forward
 
-    return -grpo.sequence_logprobs(policy, batch).mean()
+    return -forward.sequence_logprobs(policy, batch).mean()
 
 
 def _train_worker(rank, world, port, path, result_dir):
     _init(rank, world, port)
     from accelerate import Accelerator
 
-    from nanosrpo import engine, grpo, model, optim
+    from nanosrpo import engine, forward, model, optim
 
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == 2
@@ -130,12 +130,12 @@ def _train_worker(rank, world, port, path, result_dir):
     # the KL reference, sharded like the policy: same log-probs as unsharded, a slice of each layer per rank
     ref, _ = model.load_policy(path)
     with torch.no_grad():
-        want_lp = grpo.sequence_logprobs(ref, batch)
+        want_lp = forward.sequence_logprobs(ref, batch)
     model.shard_like_fsdp(ref)
     w = ref.model.language_model.layers[0].mlp.gate_proj.weight
     assert type(w).__name__ == "DTensor" and w.to_local().shape[0] < w.shape[0]
     with torch.no_grad():
-        torch.testing.assert_close(grpo.sequence_logprobs(ref, batch), want_lp, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(forward.sequence_logprobs(ref, batch), want_lp, atol=1e-5, rtol=1e-5)
     (result_dir / f"ok-{rank}").write_text("ok")
     torch.distributed.barrier()  # both ranks done before either tears gloo down (an exit race aborted one, rarely)
     torch.distributed.destroy_process_group()
@@ -151,7 +151,7 @@ def _shared_worker(rank, world, port, path, result_dir):
     """The 7B preset's training forward on this CPU: FSDP2, gradient checkpointing, the shared-prompt layout. Each rank
     trains on one group; the averaged sharded gradient must equal the unsharded padded batch's over both groups."""
     _init(rank, world, port)
-    from nanosrpo import data, grpo, model
+    from nanosrpo import data, forward, model
     from tests.test_shared_prompt import _groups
 
     policy, processor = model.load_policy(path)
@@ -160,7 +160,7 @@ def _shared_worker(rank, world, port, path, result_dir):
     n_tokens = sum(sum(s["loss_mask"]) for s in samples)
 
     def loss(m, batch):  # both groups' tokens weigh the same: a token mean over the whole update
-        return -(grpo.sequence_logprobs(m, batch) * batch["loss_mask"]).sum() / n_tokens
+        return -(forward.sequence_logprobs(m, batch) * batch["loss_mask"]).sum() / n_tokens
 
     unsharded, _ = model.load_policy(path)
     model.freeze_vision(unsharded)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nanosrpo import grpo
+from nanosrpo import forward, grpo
 
 AGGS = grpo.AGGREGATIONS
 
@@ -249,7 +249,7 @@ def test_sequence_logprobs_matches_naive_for_both_paddings(tiny):
             batch = encode([0, 1], side)
             assert "mm_token_type_ids" in batch and batch["pixel_values"].shape[0] > 0
             batch["completion_mask"] = torch.ones_like(batch["input_ids"])  # non-model keys are ignored
-            got = grpo.sequence_logprobs(model, batch, chunk_size=37)  # a chunk size that does not divide B*T
+            got = forward.sequence_logprobs(model, batch, chunk_size=37)  # a chunk size that does not divide B*T
             assert got.shape == batch["input_ids"].shape and got.dtype == torch.float32
             lengths = batch["attention_mask"].sum(1)
             assert lengths[0] != lengths[1]  # one row really is padded
@@ -270,7 +270,7 @@ def test_sequence_logprobs_temperature(tiny):
     batch = encode([0, 1], "left")
     with torch.no_grad():
         want = naive_logprobs(model, batch, temperature=0.7) * batch["attention_mask"]
-        torch.testing.assert_close(grpo.sequence_logprobs(model, batch, temperature=0.7), want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(forward.sequence_logprobs(model, batch, temperature=0.7), want, atol=1e-5, rtol=0)
 
 
 def test_sequence_logprobs_gradients_match_naive(tiny):
@@ -286,7 +286,7 @@ def test_sequence_logprobs_gradients_match_naive(tiny):
         return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
     want = grads(lambda: naive_logprobs(model, batch))
-    got = grads(lambda: grpo.sequence_logprobs(model, batch, chunk_size=64))
+    got = grads(lambda: forward.sequence_logprobs(model, batch, chunk_size=64))
     assert any(g.abs().sum() > 0 for g in got)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
@@ -300,8 +300,8 @@ def test_end_to_end_loss_backward(tiny):
     mask = batch["attention_mask"].clone()
     mask[:, : mask.shape[1] - 20] = 0  # pretend the last 20 tokens are the completion
     with torch.no_grad():
-        old = grpo.sequence_logprobs(model, batch)
-    logprobs = grpo.sequence_logprobs(model, batch)
+        old = forward.sequence_logprobs(model, batch)
+    logprobs = forward.sequence_logprobs(model, batch)
     adv = grpo.group_advantages(torch.tensor([1.0, 0.0]), group_size=2)
     loss, stats = grpo.policy_loss(logprobs, old, adv, mask)
     assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5)

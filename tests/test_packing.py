@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanosrpo import config, data, grpo
+from nanosrpo import config, data, forward
 from nanosrpo.data import IGNORE
 from tests.conftest import ROOT
 
@@ -100,7 +100,7 @@ def test_packed_position_ids_are_each_samples_own(world):
     policies, processor, samples, text_only = world
     policy = policies["sdpa"]
     packed = data.packed_batch(processor, samples)
-    pos = grpo.packed_position_ids(policy, packed)
+    pos = forward.packed_position_ids(policy, packed)
     if text_only:
         assert torch.equal(pos, packed["position_ids"])
         return
@@ -122,18 +122,18 @@ def test_packed_logprobs_equal_padded_and_per_sample(world, impl):
     policies, processor, samples, _ = world
     policy = policies[impl]
     with torch.no_grad():
-        padded = grpo.sequence_logprobs(policy, data.collate(processor, samples))
-        packed = grpo.sequence_logprobs(policy, data.packed_batch(processor, samples), chunk_size=37)
+        padded = forward.sequence_logprobs(policy, data.collate(processor, samples))
+        packed = forward.sequence_logprobs(policy, data.packed_batch(processor, samples), chunk_size=37)
         assert packed.shape == padded.shape
         torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
         for i, s in enumerate(samples):  # each sample alone, no padding at all
-            alone = grpo.sequence_logprobs(policy, data.collate(processor, [s]))[0]
+            alone = forward.sequence_logprobs(policy, data.collate(processor, [s]))[0]
             torch.testing.assert_close(packed[i, : len(s["input_ids"])], alone, atol=1e-5, rtol=0)
             assert torch.equal(packed[i, len(s["input_ids"]) :], torch.zeros(packed.shape[1] - len(s["input_ids"])))
         # the control: positions that run on across samples make one long sequence (no boundaries): not the same
         run_on = data.packed_batch(processor, samples)
         run_on["position_ids"] = torch.arange(run_on["input_ids"].shape[1]).unsqueeze(0)
-        wrong = grpo.sequence_logprobs(policy, run_on)
+        wrong = forward.sequence_logprobs(policy, run_on)
         assert (wrong - padded).abs().max() > 1e-3
 
 
@@ -147,7 +147,7 @@ def test_packed_gradients_equal_padded(world):
 
     def grads(batch):
         policy.zero_grad(set_to_none=True)
-        (grpo.sequence_logprobs(policy, batch) * weights).sum().backward()
+        (forward.sequence_logprobs(policy, batch) * weights).sum().backward()
         return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
     want, got = grads(padded_batch), grads(data.packed_batch(processor, samples))
@@ -166,7 +166,7 @@ def test_micro_batches_packed_give_the_same_rows(world):
     for packed in (False, True):
         batches = list(data.micro_batches(samples, 2, processor, "cpu", order, layout="packed" if packed else "padded"))
         assert [idx for idx, _ in batches] == [[2, 0], [1]]
-        rows[packed] = grpo.logprobs_by_sample(policy, batches)
+        rows[packed] = forward.logprobs_by_sample(policy, batches)
     assert [len(r) for r in rows[True]] == [len(samples[i]["input_ids"]) for i in order]
     for a, b in zip(rows[True], rows[False]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
@@ -181,7 +181,7 @@ def test_sft_loss_on_packed_labels_equals_padded(world):
     def loss(batch, packed):
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_mask", "seq_lens")}
         if packed:
-            inputs.update(position_ids=grpo.packed_position_ids(policy, batch), use_cache=False)
+            inputs.update(position_ids=forward.packed_position_ids(policy, batch), use_cache=False)
         logits = policy(**inputs).logits[:, :-1]
         targets = batch["labels"][:, 1:]
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"), int((targets != IGNORE).sum())
@@ -224,7 +224,7 @@ def test_shared_images_encoded_once_same_logprobs_and_gradients(world, packed):
 
     def run(batch):
         policy.zero_grad(set_to_none=True)
-        lp = grpo.sequence_logprobs(policy, batch)
+        lp = forward.sequence_logprobs(policy, batch)
         (lp * weights).sum().backward()
         return lp.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
@@ -248,8 +248,8 @@ def test_micro_batches_share_images(world):
     group = _group_batch(samples)
     batches = list(data.micro_batches(group, 4, processor, "cpu"))
     assert ("image_index" in batches[0][1]) == (not text_only)
-    rows = grpo.logprobs_by_sample(policies["sdpa"], batches)
-    want = grpo.logprobs_by_sample(policies["sdpa"], [(i, data.collate(processor, [group[j] for j in i])) for i, _ in batches])
+    rows = forward.logprobs_by_sample(policies["sdpa"], batches)
+    want = forward.logprobs_by_sample(policies["sdpa"], [(i, data.collate(processor, [group[j] for j in i])) for i, _ in batches])
     for a, b in zip(rows, want):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 

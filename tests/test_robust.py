@@ -4,7 +4,7 @@ found before the first step, and SFT shares GRPO's chunked log-prob path.
   - an image-free micro-batch on one process of a sharded (FSDP2) multimodal policy while another has images
   - every record validated at load time (prompt length with image tokens, image count, readable images), cheaply
   - one process's DataError ends every process within seconds, with its one line
-  - the SFT loss from grpo.sequence_logprobs, equal to the old full-vocabulary cross-entropy
+  - the SFT loss from forward.sequence_logprobs, equal to the old full-vocabulary cross-entropy
 """
 
 import json
@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from nanosrpo import data, grpo, model
+from nanosrpo import data, forward, model
 
 
 def _free_port() -> int:
@@ -64,7 +64,7 @@ def _mixed_worker(rank, world, port, path, result_dir, frozen):
     n_tokens = sum(sum(s["loss_mask"]) for samples in per_rank for s in samples)
 
     def loss(m, batch):
-        return -(grpo.sequence_logprobs(m, batch) * batch["loss_mask"]).sum() / n_tokens
+        return -(forward.sequence_logprobs(m, batch) * batch["loss_mask"]).sum() / n_tokens
 
     unsharded, _ = model.load_policy(path)
     if frozen:
@@ -113,13 +113,13 @@ def test_image_free_vision_pass_changes_nothing(tiny_dir, monkeypatch, layout, f
 
     def run():
         policy.zero_grad(set_to_none=True)
-        lp = grpo.sequence_logprobs(policy, batch)
+        lp = forward.sequence_logprobs(policy, batch)
         (lp * batch["loss_mask"]).sum().backward()
         return lp.detach(), {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
 
     lp0, g0 = run()
     calls = []
-    monkeypatch.setattr(grpo, "_world_size", lambda: 2)
+    monkeypatch.setattr(forward, "_world_size", lambda: 2)
     visual = policy.model.visual
     hook = visual.register_forward_hook(lambda *a: calls.append(1))
     lp1, g1 = run()

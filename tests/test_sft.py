@@ -151,15 +151,15 @@ def test_ddp_on_cpu_matches_one_process(tiny_dir, sft_file, tmp_path):
 
 
 def test_loss_equals_the_full_vocabulary_cross_entropy(tiny_dir, sft_file, tmp_path, monkeypatch):
-    """train_sft.py's loss comes from grpo.sequence_logprobs (chunked float32 log-probs, one path with GRPO); it must
+    """train_sft.py's loss comes from forward.sequence_logprobs (chunked float32 log-probs, one path with GRPO); it must
     be the old one, the full-vocabulary fp32 cross-entropy summed over assistant targets and divided by their number,
     to 1e-6: the first step's loss (all 8 records in one micro-batch, initial weights) and its gradient norm."""
     import torch.nn.functional as F
 
-    from nanosrpo import grpo
+    from nanosrpo import forward
 
-    calls, scored = [], grpo.sequence_logprobs
-    monkeypatch.setattr(grpo, "sequence_logprobs", lambda *a, **k: calls.append(1) or scored(*a, **k))
+    calls, scored = [], forward.sequence_logprobs
+    monkeypatch.setattr(forward, "sequence_logprobs", lambda *a, **k: calls.append(1) or scored(*a, **k))
     out = tmp_path / "one"
     train_sft.main(["--model", str(tiny_dir), "--data", str(sft_file), "--out_dir", str(out), "--max_steps", "1",
                     "--batch_size", "8", "--save_every", "0"])
@@ -184,7 +184,7 @@ def test_loss_equals_the_full_vocabulary_cross_entropy(tiny_dir, sft_file, tmp_p
 
     # the packed layout (flash-attention's, here through sdpa's block mask) scores the same targets
     packed = data.packed_batch(processor, [{**s, "images": s["images"]} for s in samples])
-    lp = grpo.sequence_logprobs(policy, packed)
+    lp = forward.sequence_logprobs(policy, packed)
     with torch.no_grad():
         assert (-(lp * packed["loss_mask"])[:, 1:].sum() / (targets != IGNORE).sum()).item() == pytest.approx(
             loss.item(), abs=1e-6)

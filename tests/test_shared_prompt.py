@@ -9,7 +9,7 @@ positions and the log-prob bookkeeping all matter.
 import pytest
 import torch
 
-from nanosrpo import attention, data, engine, grpo, model, synthetic, tiny
+from nanosrpo import attention, data, engine, forward, model, synthetic, tiny
 
 
 # ----------------------------------------------------------------------------------------------------- by hand
@@ -98,7 +98,7 @@ def test_ordinary_batches_are_plain_sdpa(world):
     policy, processor = world["policy"], world["processor"]
     assert model.shares_prompts(policy)
     batch = data.collate(processor, world["samples"])
-    inputs = {k: v for k, v in batch.items() if k in grpo.MODEL_INPUT_KEYS}
+    inputs = {k: v for k, v in batch.items() if k in forward.MODEL_INPUT_KEYS}
     with torch.no_grad():
         ours = policy(**inputs).logits
         policy.set_attn_implementation({"text_config": "sdpa"} if world["vl"] else "sdpa")
@@ -135,7 +135,7 @@ def test_shared_logprobs_and_gradients_equal_padded(world, checkpointing):
     try:
         results = []
         for batch in (padded, shared):
-            lp = grpo.sequence_logprobs(policy, batch, chunk_size=29)
+            lp = forward.sequence_logprobs(policy, batch, chunk_size=29)
             loss = (lp * weights * batch["loss_mask"]).sum()
             results.append((lp, torch.autograd.grad(loss, params, allow_unused=True)))
     finally:
@@ -166,7 +166,7 @@ def test_micro_batches_shared_and_reference_rows(world):
     padded = list(data.micro_batches(samples, 2, processor, "cpu", order))
     rows = {}
     for name, batches in (("padded", padded), ("shared", shared)):
-        rows[name] = dict(zip(order, grpo.logprobs_by_sample(policy, batches)))
+        rows[name] = dict(zip(order, forward.logprobs_by_sample(policy, batches)))
     for i, s in enumerate(samples):
         m = torch.tensor(s["loss_mask"]).bool()
         assert rows["shared"][i].shape == rows["padded"][i].shape == (len(s["input_ids"]),)

@@ -238,7 +238,7 @@ def test_grpo_steps_with_the_vllm_engine_stay_in_sync(world, engine):
     every sync vLLM's greedy outputs equal the trainer's, and they change from step to step."""
     import torch
 
-    from nanosrpo import data, grpo
+    from nanosrpo import data, forward, grpo
     from nanosrpo import model as M
     from nanosrpo import tiny as T
 
@@ -263,7 +263,7 @@ def test_grpo_steps_with_the_vllm_engine_stay_in_sync(world, engine):
         samples = [{"input_ids": p["ids"] + c["ids"], "loss_mask": [0] * len(p["ids"]) + [1] * len(c["ids"])}
                    for p, g in zip(world["prompts"], groups) for c in g]
         batch = data.collate(tok, samples)
-        lp = grpo.sequence_logprobs(policy, batch)
+        lp = forward.sequence_logprobs(policy, batch)
         loss, _ = grpo.policy_loss(lp, lp.detach(), advantages, batch["loss_mask"])
         opt.zero_grad()
         loss.backward()
