@@ -31,7 +31,7 @@ FLOPs (train_flops below; the MFU counts useful work only: a padded batch's pad 
 MFU = FLOPs / step time / the GPU's dense bf16 peak (PEAK_TFLOPS by device name, or --peak_tflops). Across layouts
 compare "seq tok/s": the samples' tokens (each sample's prompt counted, as the update consumes them) per second.
 
-Engine sync: the time of the full-state-dict gather that gen.sync streams into vLLM (engine.trainer_weights,
+Engine sync: the time of the full-state-dict gather that gen.sync streams into vLLM (model.trainer_weights,
 dtype bf16, frozen tensors skipped) on a model sharded like the FSDP run (model.shard_like_fsdp over one process,
 fp32 master shards as train_grpo.py keeps them): each tensor is cast, then all-gathered (full_tensor).
 
@@ -160,12 +160,12 @@ def measure(model, batches: list[dict], steps: int, warmup: int) -> dict:
 
 
 def gather_time(size: str, token_ids: dict, repeats: int = 2) -> dict:
-    """Seconds to stream engine.trainer_weights(dtype=bf16, skip_frozen=True) out of an FSDP2-sharded fp32 model
+    """Seconds to stream model.trainer_weights(dtype=bf16, skip_frozen=True) out of an FSDP2-sharded fp32 model
     (one process: the all-gather runs over one rank, so this is the cast + gather-call cost, not network time)."""
     import torch.distributed as dist
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from nanosrpo import engine, model as M
+    from nanosrpo import model as M
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -179,7 +179,7 @@ def gather_time(size: str, token_ids: dict, repeats: int = 2) -> dict:
     for _ in range(repeats):
         torch.cuda.synchronize()
         t0, n_bytes, n = time.perf_counter(), 0, 0
-        for _, t in engine.trainer_weights(policy, dtype=torch.bfloat16, skip_frozen=True):
+        for _, t in M.trainer_weights(policy, dtype=torch.bfloat16, skip_frozen=True):
             n_bytes, n = n_bytes + t.numel() * t.element_size(), n + 1
         torch.cuda.synchronize()
         out.append(time.perf_counter() - t0)
@@ -298,7 +298,7 @@ def main(argv=None) -> None:
     sync = None
     if not args.no_gather:
         sync = gather_time(args.size, token_ids)
-        print(f"\nengine sync gather (engine.trainer_weights, bf16, frozen vision skipped, FSDP2 over 1 GPU): "
+        print(f"\nengine sync gather (model.trainer_weights, bf16, frozen vision skipped, FSDP2 over 1 GPU): "
               f"{sync['gather_s']:.2f} s for {sync['tensors']} tensors, {sync['gib']:.1f} GiB "
               f"({sync['gib'] / sync['gather_s']:.0f} GiB/s)")
     if args.json:

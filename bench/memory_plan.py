@@ -337,7 +337,7 @@ def plan(a: Arch, cfg, gpus: int, gpu_gib: float, prompt_len: int = 1024, overhe
     ]
     train = sum(r[1] for r in rows)
     rollout = sum(r[2] for r in rows)
-    # weight sync (engine.trainer_weights): vLLM's weights are awake, its KV cache not yet; one parameter is gathered
+    # weight sync (model.trainer_weights): vLLM's weights are awake, its KV cache not yet; one parameter is gathered
     # whole in fp32 and cast to bf16 at a time, the largest being the embedding (or lm_head): 6 bytes x its size
     sync = 4 * P / N + 8 * P_tr / N + ref + overhead_gib * GiB
     if vl:

@@ -130,7 +130,7 @@ def run_trl(a, world: dict, run_dir: Path) -> tuple[list[dict], bool]:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from nanosrpo import data, engine, model, prompts, rewards
+    from nanosrpo import data, model, prompts, rewards
 
     torch.set_num_threads(a.threads)
     policy, tok = model.load_policy(a.model)  # fp32, the same loader as nanosrpo's
@@ -165,7 +165,7 @@ def run_trl(a, world: dict, run_dir: Path) -> tuple[list[dict], bool]:
         output_dir=str(run_dir), max_steps=total, seed=a.seed, shuffle_dataset=False, remove_unused_columns=False,
         per_device_train_batch_size=a.micro_batch_size, gradient_accumulation_steps=n // a.micro_batch_size,
         num_generations=a.group_size, max_completion_length=a.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-        generation_kwargs={"eos_token_id": stop, "suppress_tokens": engine.banned_ids(tok)},
+        generation_kwargs={"eos_token_id": stop, "suppress_tokens": data.banned_ids(tok)},
         beta=0.0, num_iterations=1, epsilon=0.2, loss_type=LOSS_PAIRS[a.aggregation], scale_rewards="group",
         learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", adam_beta1=0.9,
         adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0,

@@ -22,7 +22,7 @@ moments included), and it never gathers anything. Under FSDP2 each process write
 87.6 GiB through rank 0; bench/memory_plan.py counts it); under DDP, whose tensors are replicated, DCP has each
 tensor written once, by one process; a single process (no process group) writes one file.
 
-The policy export gathers one tensor at a time (engine.trainer_weights: cast to export_dtype on each shard, then
+The policy export gathers one tensor at a time (model.trainer_weights: cast to export_dtype on each shard, then
 all-gathered) and only the main process keeps the result, on the CPU: one copy of the weights in export_dtype (bf16:
 15.4 GiB at 7B), never the optimizer. export_dtype None keeps the training dtype (the tiny CPU runs: fp32, so a policy
 handed to the next stage is bit-for-bit the trained one).
@@ -80,15 +80,14 @@ def save_checkpoint(accelerator, model, processor, out_dir, step: int, state: di
 def export_policy(accelerator, model, processor, path, dtype: torch.dtype | None = None) -> None:
     """save_pretrained of model's full weights in `dtype` (None: as trained) + processor into `path`, on the main
     process. Collective under FSDP2 (every process must call it); rank 0 holds one copy of the weights, on the CPU."""
-    from nanosrpo import engine
     from nanosrpo.forward import unwrap
-    from nanosrpo.model import is_sharded
+    from nanosrpo.model import is_sharded, trainer_weights
 
     module = unwrap(model)
     main = accelerator.is_main_process
     full = {}
     if main or is_sharded(module):  # a replicated model needs no gather: the main process has it all
-        for name, t in engine.trainer_weights(module, dtype):  # one tensor at a time, all processes
+        for name, t in trainer_weights(module, dtype):  # one tensor at a time, all processes
             if main:
                 full[name] = t.detach().cpu()
     if not main:

@@ -236,6 +236,14 @@ def tokenizer_of(processor):
     return getattr(processor, "tokenizer", processor)
 
 
+def banned_ids(tokenizer) -> list[int]:
+    """Vision placeholder tokens a completion must never contain: a sampled <|image_pad|> would break the
+    image-token/feature count of the training forward. Every engine suppresses them while sampling."""
+    names = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in names]
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+
+
 def encode(processor, text: str, images: list[Image.Image]) -> list[int]:
     """Token ids of rendered chat text, each <|image_pad|> expanded to the image's number of vision tokens: the ids
     processor(text, images) gives, without running the image processor (expand_image_tokens)."""

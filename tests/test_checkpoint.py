@@ -170,7 +170,7 @@ def test_bf16_policy_export_loads_in_transformers_and_vllm(tmp_path):
 def vllm_greedy_equals_hf(policy_dir: str) -> None:
     """vLLM serving the exported policy gives the greedy tokens of the transformers model loaded from it (run in a
     child process by the test above)."""
-    from nanosrpo import engine
+    from nanosrpo import vllm_engine
     from tests.test_vllm_engine import _hf_greedy
 
     exported, tok = model.load_policy(policy_dir)  # fp32, from the bf16 file
@@ -178,8 +178,8 @@ def vllm_greedy_equals_hf(policy_dir: str) -> None:
     texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
              for q in questions]
     prompts = [{"text": t, "images": [], "ids": tok(t, add_special_tokens=False)["input_ids"]} for t in texts]
-    vllm = engine.VLLMEngine(policy_dir, tok, max_model_len=256, gpu_memory_utilization=0.05, seed=0,
-                             dtype="float32")
+    vllm = vllm_engine.VLLMEngine(policy_dir, tok, max_model_len=256, gpu_memory_utilization=0.05, seed=0,
+                                  dtype="float32")
     got = [g[0]["ids"] for g in vllm.generate(prompts, n=1, max_new_tokens=16, greedy=True)]
     want = _hf_greedy(exported, [p["ids"] for p in prompts], vllm.stop_ids, tok.pad_token_id, 16, vllm.banned)
     assert got == want

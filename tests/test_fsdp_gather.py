@@ -42,7 +42,7 @@ def _batch(vocab: int, rows: int = 4, seed: int = 0) -> dict:
 # ----------------------------------------------------------------------------------------------------- gather
 def _gather_worker(rank, world, port, path, result_dir):
     _init(rank, world, port)
-    from nanosrpo import engine, model
+    from nanosrpo import model
 
     policy, _ = model.load_policy(path)
     model.freeze_vision(policy)
@@ -51,14 +51,14 @@ def _gather_worker(rank, world, port, path, result_dir):
     # sharded for real: a layer's weight is a DTensor holding only a slice on this rank
     w = policy.model.language_model.layers[0].mlp.gate_proj.weight
     assert type(w).__name__ == "DTensor" and w.to_local().shape[0] < w.shape[0]
-    full = dict(engine.trainer_weights(policy))
+    full = dict(model.trainer_weights(policy))
     missing = set(reference) - set(full)
     assert not missing, missing
     for k, v in reference.items():
         assert type(full[k]) is torch.Tensor, (k, type(full[k]))
         torch.testing.assert_close(full[k].cpu(), v, rtol=0, atol=0, msg=k)
     # the engine's dtype, cast shard by shard before the gather; frozen weights (the vision tower) left out
-    sent = dict(engine.trainer_weights(policy, torch.bfloat16, skip_frozen=True))
+    sent = dict(model.trainer_weights(policy, torch.bfloat16, skip_frozen=True))
     assert sent and not any(".visual." in f".{k}" for k in sent)
     assert set(sent) == {k for k in reference if ".visual." not in f".{k}" and "rotary_emb" not in k}
     for k, v in sent.items():
@@ -84,7 +84,7 @@ def _train_worker(rank, world, port, path, result_dir):
     _init(rank, world, port)
     from accelerate import Accelerator
 
-    from nanosrpo import engine, forward, model, optim
+    from nanosrpo import forward, model, optim
 
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == 2
@@ -123,7 +123,7 @@ def _train_worker(rank, world, port, path, result_dir):
     assert float(accelerator.clip_grad_norm_(stale, max_norm)) == 0.0  # the defect: stale parameters have no grads
     norm = optim.clip_and_step(accelerator, policy, optimizer, scheduler, max_norm)
     assert abs(norm - want_norm) < 1e-4 * want_norm, (norm, want_norm)
-    got = dict(engine.trainer_weights(policy))
+    got = dict(model.trainer_weights(policy))
     for n, v in clipped.items():
         torch.testing.assert_close(got[n], v, atol=1e-5, rtol=1e-4, msg=n)
 

@@ -57,9 +57,9 @@ def _step(accelerator, policy, optimizer, scheduler, i, rank):
 
 
 def _full(policy) -> dict:
-    from nanosrpo import engine
+    from nanosrpo import model
 
-    return {k: v.clone() for k, v in engine.trainer_weights(policy)}
+    return {k: v.clone() for k, v in model.trainer_weights(policy)}
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints

@@ -182,7 +182,7 @@ def test_decode_with_one_prompt_copy_equals_copies(world):
         if not prompts or s["prompt_len"] != len(prompts[-1]["ids"]):
             prompts.append({"ids": s["input_ids"][: s["prompt_len"]], "images": s["images"]})
     tok = data.tokenizer_of(processor)
-    stop, banned = [tok.convert_tokens_to_ids("<|im_end|>")], engine.banned_ids(tok)
+    stop, banned = [tok.convert_tokens_to_ids("<|im_end|>")], data.banned_ids(tok)
     first = engine.decode(policy, processor, prompts, 3, 10, stop, banned, greedy=True)
     stop.append(first[0][0][3])  # the first group's 4th token: its rows stop there, the other group's go on
     args = (policy, processor, prompts, 3, 10, stop, banned)

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from nanosrpo import config, data, engine, log, model, tiny
+from nanosrpo import config, data, log, model, tiny, vllm_engine
 from tests.conftest import ROOT
 
 REQUIRED = [
@@ -307,11 +307,11 @@ def test_hub_id_resolves_once_to_the_local_snapshot(tiny_dir, tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abcd")
     with pytest.raises(FileNotFoundError):
-        engine._model_config("someone/tiny-vl")  # what a raw hub id does to the engine
-    code = ("from nanosrpo import config, engine, tiny\n"
+        vllm_engine._model_config("someone/tiny-vl")  # what a raw hub id does to the engine
+    code = ("from nanosrpo import config, tiny, vllm_engine\n"
             "cfg = config.parse(config.GRPOConfig, ['--model', 'someone/tiny-vl', '--data', 'x', '--eval_data', ''])\n"
             "path = tiny.resolve(cfg)['model']\n"
-            "print(path, engine._model_config(path)['model_type'])")
+            "print(path, vllm_engine._model_config(path)['model_type'])")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
@@ -332,7 +332,7 @@ def test_prompt_cap_and_pixel_bounds(tiny_dir, tmp_path):
     # and the vLLM engine reads the same bound back from the processor
     model.set_pixel_bounds(processor, max_pixels=56 * 56)
     assert len(rollout.render(rec, "sys", processor, 0)["ids"]) == n - 12
-    assert engine.pixel_bounds(processor)["max_pixels"] == 56 * 56
+    assert model.pixel_bounds(processor)["max_pixels"] == 56 * 56
 
 
 def _response(first: bool, second: bool | None = None) -> str:

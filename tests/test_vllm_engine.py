@@ -74,7 +74,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(world):
-    from nanosrpo.engine import VLLMEngine
+    from nanosrpo.vllm_engine import VLLMEngine
 
     return VLLMEngine(world["path"], world["tok"], max_model_len=512, gpu_memory_utilization=0.05, seed=0,
                       dtype="float32")
@@ -90,7 +90,7 @@ def _check_equal(engine, world):
 
 
 def test_weight_names():
-    from nanosrpo.engine import vllm_weight_name
+    from nanosrpo.vllm_engine import vllm_weight_name
 
     assert vllm_weight_name("model.language_model.layers.3.self_attn.q_proj.weight") == "model.layers.3.self_attn.q_proj.weight"
     assert vllm_weight_name("model.visual.blocks.0.attn.qkv.weight") == "visual.blocks.0.attn.qkv.weight"
@@ -127,7 +127,7 @@ def test_sync_skips_frozen_parameters(world, engine):
     training the rest its greedy outputs still equal the trainer's token for token."""
     import torch
 
-    from nanosrpo.engine import trainer_weights
+    from nanosrpo.model import trainer_weights
 
     policy = world["policy"]
     frozen = policy.model.layers[0]
@@ -195,7 +195,8 @@ def test_weight_names_match_qwen2_5_vl_checkpoint(tmp_path):
 
     from nanosrpo import model as M
     from nanosrpo import tiny as T
-    from nanosrpo.engine import trainer_weights, vllm_weight_name
+    from nanosrpo.model import trainer_weights
+    from nanosrpo.vllm_engine import vllm_weight_name
 
     T.build_tiny(tmp_path, size="0.2m")
     policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path)
@@ -210,7 +211,7 @@ def test_weight_names_match_qwen2_5_vl_checkpoint(tmp_path):
 def test_pixel_bounds_follow_the_trainer_processor(tmp_path):
     from nanosrpo import model as M
     from nanosrpo import tiny as T
-    from nanosrpo.engine import pixel_bounds
+    from nanosrpo.model import pixel_bounds
 
     T.build_tiny(tmp_path, size="0.2m")
     bounds = pixel_bounds(M.load_processor(str(tmp_path)))
@@ -223,7 +224,7 @@ def test_cpu_rejects_unsupported_head_dim(tmp_path, world):
 
     from nanosrpo import model as M
     from nanosrpo import tiny as T
-    from nanosrpo.engine import VLLMEngine
+    from nanosrpo.vllm_engine import VLLMEngine
 
     if not current_platform.is_cpu():
         pytest.skip("CPU-only limitation")
