@@ -403,8 +403,8 @@ def packed_batch(processor, samples: list[dict], share_images: bool = False) -> 
 def shared_batch(processor, samples: list[dict]) -> dict:
     """A micro-batch with one copy of each group's prompt: the layout of nanosrpo.attention's shared_prompt.
 
-    Samples are GRPO samples (rollout.collect) with "group" and "prompt_len"; consecutive samples of the same group
-    form one row [prompt, right-padded to P | slot 1 | ... | slot n], each slot one completion right-padded to L
+    Samples are GRPO samples (rollout.training_samples) with "group" and "prompt_len"; consecutive samples of the same
+    group form one row [prompt, right-padded to P | slot 1 | ... | slot n], each slot one completion right-padded to L
     (P, L: the longest prompt and completion of the micro-batch; n: the most completions in a row). Positions are the
     ones each sample has alone: the prompt counts 0, 1, ...; every slot continues from its row's prompt length.
     Returns the model inputs (input_ids [rows, T], position_ids [rows, T], attention_mask: the completions' 4-D mask,
@@ -470,13 +470,26 @@ def micro_batches(samples: list[dict], size: int, processor, device, indices: li
     order), laid out as `layout`: "padded" (collate, right-padded), "packed" (packed_batch: one row without padding,
     flash-attention only) or "shared" (shared_batch: one copy of each group's prompt; the samples of a group must be
     consecutive in `indices`). The batches are for forward.sequence_logprobs, so a group's shared prompt image is
-    processed (and encoded) once in every layout."""
+    processed (and encoded) once in every layout. What the samples carry for the loss comes along (carried)."""
     indices = list(range(len(samples))) if indices is None else indices
     for s in range(0, len(indices), size):
         idx = indices[s : s + size]
         chunk = [samples[i] for i in idx]
         batch = shared_batch(processor, chunk) if layout == "shared" else (packed_batch if layout == "packed" else collate)(processor, chunk, share_images=True)
+        batch.update(carried(chunk))
         yield idx, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def carried(samples: list[dict]) -> dict:
+    """The numbers GRPO samples carry for the loss (rollout.training_samples, train_grpo.py), batched in every layout
+    as collate's loss_mask is: "advantage" -> advantages [B]; the per-token rows "old_logprobs", "ref_logprobs" and
+    "engine_logprobs" -> right-padded [B, T] (T: the longest sample, the width of forward.sequence_logprobs' output)."""
+    out = {"advantages": torch.tensor([s["advantage"] for s in samples])} if "advantage" in samples[0] else {}
+    width = max(len(s["input_ids"]) for s in samples)
+    for key in ("old_logprobs", "ref_logprobs", "engine_logprobs"):
+        if key in samples[0]:
+            out[key] = stack_rows([s[key] for s in samples], width)
+    return out
 
 
 def stack_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:

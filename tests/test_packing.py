@@ -36,7 +36,8 @@ def test_packed_layout_by_hand():
 
 # ----------------------------------------------------------------------------------------------------- tiny models
 def _samples(processor, text_only: bool):
-    """Three prompt + completion samples of uneven lengths (VL: neighbouring images of different sizes), as rollout.collect makes them."""
+    """Three prompt + completion samples of uneven lengths (VL: neighbouring images of different sizes), as
+    rollout.training_samples makes them."""
     from nanosrpo import prompts as P
     from nanosrpo import synthetic as S
 

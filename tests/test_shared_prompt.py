@@ -58,7 +58,7 @@ def test_sample_draws_from_the_distribution_and_never_a_zero():
 
 # ----------------------------------------------------------------------------------------------------- tiny models
 def _groups(processor, text_only: bool, completions=(3, 2)):
-    """GRPO samples as rollout.collect makes them: two groups with prompts of different lengths (VL: images of
+    """GRPO samples as rollout.training_samples makes them: two groups with prompts of different lengths (VL: images of
     different sizes), completions of uneven lengths."""
     from nanosrpo import prompts as P
 

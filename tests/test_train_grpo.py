@@ -421,7 +421,7 @@ def test_top_up_groups_are_not_learned_and_not_counted(monkeypatch):
     """Dynamic sampling that runs short: 2 draws of 2 prompts, only the first group passes the filter, so the batch is
     that group plus one top-up. The top-up's loss mask is 0 everywhere: it adds nothing to the loss and nothing to its
     denominator, so the update is the kept group's alone (the reference trains only on full batches)."""
-    from nanosrpo import rewards, rollout
+    from nanosrpo import grpo, rewards, rollout
 
     monkeypatch.setattr(rollout, "render", lambda rec, *_: {"ids": [1, 2], "images": []})  # 2 prompt tokens
     mixed, wrong = [_response(False, True), _response(False, False)], [_response(False, False)] * 2
@@ -431,11 +431,12 @@ def test_top_up_groups_are_not_learned_and_not_counted(monkeypatch):
                                            "true", "--max_draws", "2"])
     batch = rollout.collect(engine, records, 0, cfg, lambda text, rec: rewards.srpo_reward(text, "21"), "sys", None,
                             _Accelerator())
-    assert (batch["filtered"], batch["short"]) == (3, 1)
-    samples = batch["samples"]
+    assert (batch["filtered"], batch["short"], batch["kept"]) == (3, 1, 1)
+    samples = rollout.training_samples(batch, grpo.group_advantages(batch["rewards"], cfg.group_size))
     # completions of 3 and 4 tokens after a 2-token prompt; the kept group learns them, the top-up nothing
     assert [s["loss_mask"] for s in samples] == [[0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1], [0] * 5, [0] * 6]
-    assert batch["advantages"][2:].tolist() == [0.0, 0.0] and batch["advantages"][0] > 0 > batch["advantages"][1]
+    advantages = [s["advantage"] for s in samples]
+    assert advantages[2:] == [0.0, 0.0] and advantages[0] > 0 > advantages[1]
     # the update's denominator: 7 tokens (token-mean) or 2 sequences (seq-mean), not 18 or 4
     assert rollout.loss_count(samples, [0, 1, 2, 3], "token-mean") == 7
     assert rollout.loss_count(samples, [3, 2, 1, 0], "seq-mean-token-mean") == 2
@@ -456,7 +457,7 @@ def test_an_update_with_top_ups_is_the_kept_groups_update(aggregation):
     adv[6:] = 0.0
     lengths = [2, 6, 3, 4, 5, 1, 6, 3]
     mask = torch.tensor([[0] + [int(t < n) for t in range(T - 1)] for n in lengths], dtype=torch.float64)
-    mask[6:] = 0.0  # what rollout.collect gives a top-up group
+    mask[6:] = 0.0  # what rollout.training_samples gives a top-up group
     samples = [{"loss_mask": row.long().tolist()} for row in mask]
     kw = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.1, aggregation=aggregation, max_len=T)
 
