@@ -40,6 +40,7 @@ Refuses on a machine without a CUDA GPU (one line, exit status 1).
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -107,8 +108,8 @@ def peak_tflops(device_name: str) -> float | None:
 
 # ----------------------------------------------------------------------------------------------------- the data
 def make_samples(processor, n: int, max_pixels: int, min_response: int, max_response: int, seed: int) -> list[dict]:
-    """n GRPO samples as rollout.collect makes them: a rendered SRPO prompt with one image of max_pixels, then a
-    completion of random token ids (the tokenizer's ordinary tokens) of a seeded random length."""
+    """n GRPO samples as rollout.training_samples makes them: a rendered SRPO prompt with one image of max_pixels, then
+    a completion of random token ids (the tokenizer's ordinary tokens) of a seeded random length."""
     from PIL import Image
 
     from nanosrpo import data, prompts
@@ -188,7 +189,58 @@ def gather_time(size: str, token_ids: dict, repeats: int = 2) -> dict:
     return {"gather_s": min(out), "tensors": n, "gib": n_bytes / 2**30}
 
 
-def main(argv=None) -> None:
+def measure_variants(policy, processor, groups: list[list[dict]], args, work: dict) -> list[dict]:
+    """Every attention x layout x checkpointing variant of the training step on the same micro-batches: one printed
+    row each (an OOM is a row too), returned as dicts. work: the useful tokens and FLOPs per micro-batch, the peak."""
+    from nanosrpo import data
+
+    tokens, peak = work["tokens"], work["peak"]
+    attns = ["sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
+    if len(attns) == 1:
+        print("flash-attn is not installed: flash_attention_2 rows skipped (pip install flash-attn --no-build-isolation)")
+    rows = []
+    header = (f"{'attention':<18} {'layout':<7} {'ckpt':<5} {'tokens':>7} {'computed':>8} {'s/step':>7} "
+              f"{'seq tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
+    print(header)
+    for attn in attns:
+        policy.set_attn_implementation(attn)
+        if attn == "sdpa":
+            from nanosrpo import attention
+
+            attention.enable(policy)  # as model.load_policy does: sdpa for ordinary batches, plus the shared layout
+        for layout in ("padded", "packed") + (("shared",) if attn == "sdpa" else ()):
+            make = {"padded": data.collate, "packed": data.packed_batch, "shared": data.shared_batch}[layout]
+            batches = [{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in make(processor, g).items()}
+                       for g in groups]
+            useful = work["flops_shared"] if layout == "shared" else work["flops"]
+            for ckpt in (True, False):
+                if ckpt:
+                    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    policy.gradient_checkpointing_disable()
+                row = {"attention": attn, "layout": layout, "checkpointing": ckpt}
+                try:
+                    row.update(measure(policy, batches, args.steps, args.warmup))
+                except torch.OutOfMemoryError:
+                    policy.zero_grad(set_to_none=True)
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    row["oom"] = True
+                computed = sum(b["input_ids"].numel() for b in batches) / len(batches)  # pad tokens included
+                row.update(tokens=tokens, computed_tokens=computed, flops=useful)
+                if "oom" in row:
+                    print(f"{attn:<18} {layout:<7} {'on' if ckpt else 'off':<5} {tokens:>7.0f} {computed:>8.0f}   OOM")
+                else:
+                    tflops = useful / row["step_s"] / 1e12
+                    row.update(tokens_per_s=tokens / row["step_s"], tflops=tflops, mfu=tflops / peak if peak else None)
+                    mfu = f"{100 * row['mfu']:.1f}%" if peak else "?"
+                    print(f"{attn:<18} {layout:<7} {'on' if ckpt else 'off':<5} {tokens:>7.0f} {computed:>8.0f} "
+                          f"{row['step_s']:>7.3f} {row['tokens_per_s']:>9.0f} {tflops:>8.1f} {mfu:>6} {row['peak_gib']:>9.1f}")
+                rows.append(row)
+    return rows
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="7b")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per variant (the median is reported)")
@@ -198,11 +250,13 @@ def main(argv=None) -> None:
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="the GPU's dense bf16 peak (0: from the device name)")
     ap.add_argument("--no_gather", action="store_true", help="skip the engine-sync gather timing")
     ap.add_argument("--json", default="", help="also write the figures here")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py measures a CUDA GPU and there is none here (torch.cuda.is_available() is False)")
-
-    import importlib.util
 
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -252,46 +306,8 @@ def main(argv=None) -> None:
     flops_shared = sum(shared_flops(n_lm, cfg.num_hidden_layers, h, P, [n - P for n in x]) for x in lens) / len(groups)
     flops_shared += 2 * n_vis * patches / B
 
-    attns = ["sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
-    if len(attns) == 1:
-        print("flash-attn is not installed: flash_attention_2 rows skipped (pip install flash-attn --no-build-isolation)")
-    rows = []
-    header = f"{'attention':<18} {'layout':<7} {'ckpt':<5} {'tokens':>7} {'computed':>8} {'s/step':>7} {'seq tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}"
-    print(header)
-    for attn in attns:
-        policy.set_attn_implementation(attn)
-        if attn == "sdpa":
-            from nanosrpo import attention
-
-            attention.enable(policy)  # as model.load_policy does: sdpa for ordinary batches, plus the shared layout
-        for layout in ("padded", "packed") + (("shared",) if attn == "sdpa" else ()):
-            make = {"padded": data.collate, "packed": data.packed_batch, "shared": data.shared_batch}[layout]
-            batches = [{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in make(processor, g).items()} for g in groups]
-            useful = flops_shared if layout == "shared" else flops
-            for ckpt in (True, False):
-                if ckpt:
-                    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                else:
-                    policy.gradient_checkpointing_disable()
-                row = {"attention": attn, "layout": layout, "checkpointing": ckpt}
-                try:
-                    row.update(measure(policy, batches, args.steps, args.warmup))
-                except torch.OutOfMemoryError:
-                    policy.zero_grad(set_to_none=True)
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                    row["oom"] = True
-                computed = sum(b["input_ids"].numel() for b in batches) / len(batches)  # pad tokens included
-                row.update(tokens=tokens, computed_tokens=computed, flops=useful)
-                if "oom" in row:
-                    print(f"{attn:<18} {layout:<7} {'on' if ckpt else 'off':<5} {tokens:>7.0f} {computed:>8.0f}   OOM")
-                else:
-                    tflops = useful / row["step_s"] / 1e12
-                    row.update(tokens_per_s=tokens / row["step_s"], tflops=tflops, mfu=tflops / peak if peak else None)
-                    mfu = f"{100 * row['mfu']:.1f}%" if peak else "?"
-                    print(f"{attn:<18} {layout:<7} {'on' if ckpt else 'off':<5} {tokens:>7.0f} {computed:>8.0f} "
-                          f"{row['step_s']:>7.3f} {row['tokens_per_s']:>9.0f} {tflops:>8.1f} {mfu:>6} {row['peak_gib']:>9.1f}")
-                rows.append(row)
+    rows = measure_variants(policy, processor, groups, args, {"tokens": tokens, "flops": flops,
+                                                              "flops_shared": flops_shared, "peak": peak})
     del policy
     torch.cuda.empty_cache()
 

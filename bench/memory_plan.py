@@ -322,14 +322,7 @@ def plan(a: Arch, cfg, gpus: int, gpu_gib: float, prompt_len: int = 1024, overhe
          f"B={B} x T={T} ({prompt_len} prompt + {cfg.max_new_tokens} response)"),
     ]
     if vl:
-        awake = 0 if cfg.vllm_sleep else 1  # while training, asleep vLLM keeps only its CUDA graphs
-        rows += [
-            ("vLLM weights, bf16 full copy", awake * vl["weights"], vl["weights"], "TP=1, one engine per rank"),
-            ("vLLM activations (est.) + CUDA graphs (assumed)", awake * vl["activations"] + vl["cuda_graphs"],
-             vl["activations"] + vl["cuda_graphs"], "graphs stay while asleep" if cfg.vllm_sleep else "no sleep mode"),
-            ("vLLM KV cache", awake * vl["kv_cache"], vl["kv_cache"],
-             f"util {cfg.vllm_gpu_memory_utilization} x {gpu_gib:g} GiB minus the above"),
-        ]
+        rows += vllm_rows(vl, cfg, gpu_gib)
     rows += [
         ("KL reference model" + ("" if kl > 0 else f" (kl_coef={kl:g}: not loaded)"), ref, ref,
          f"bf16, sharded: 2 x {P / 1e9:.2f}B / {N} (model.load_reference)" if kl > 0 else ""),
@@ -347,6 +340,18 @@ def plan(a: Arch, cfg, gpus: int, gpu_gib: float, prompt_len: int = 1024, overhe
     return {"arch": a, "params": p, "P_train": P_tr, "B": B, "T": T, "rows": rows, "train": train, "rollout": rollout,
             "sync": sync, "ckpt": ckpt, "act": act, "act_other": act_other, "vllm": vl, "gpu": gpu, "cfg": cfg,
             "gpus": N, "kl": kl, "overhead": overhead_gib * GiB}
+
+
+def vllm_rows(vl: dict, cfg, gpu_gib: float) -> list[tuple]:
+    """plan's rows for the colocated vLLM engine (vllm_bytes): its weights, activations + CUDA graphs, KV cache."""
+    awake = 0 if cfg.vllm_sleep else 1  # while training, asleep vLLM keeps only its CUDA graphs
+    return [
+        ("vLLM weights, bf16 full copy", awake * vl["weights"], vl["weights"], "TP=1, one engine per rank"),
+        ("vLLM activations (est.) + CUDA graphs (assumed)", awake * vl["activations"] + vl["cuda_graphs"],
+         vl["activations"] + vl["cuda_graphs"], "graphs stay while asleep" if cfg.vllm_sleep else "no sleep mode"),
+        ("vLLM KV cache", awake * vl["kv_cache"], vl["kv_cache"],
+         f"util {cfg.vllm_gpu_memory_utilization} x {gpu_gib:g} GiB minus the above"),
+    ]
 
 
 def print_plan(r: dict, gpu_gib: float) -> None:

@@ -195,19 +195,22 @@ def rehearse(a, out: Path, fsdp: bool) -> int:
     text_only = a.engine == "vllm"  # the twin sees every grid as text: no images, so no image check below
     world = tiny.ensure_world(str(Path(a.cache_dir).resolve()), a.tiny_size, text_only=text_only, mix=True)
     print(f"[world] {world['root']} ({stage(t)})", flush=True)
+    policy = cold_start(a, world, out, fsdp, text_only)
+    grpo_killed_and_resumed(a, world, policy, out, fsdp)
+    return a.grpo_steps
 
-    # ---- the cold start: FSDP2 on 2 processes, mixed data, gradient accumulation and checkpointing
+
+def cold_start(a, world: dict, out: Path, fsdp: bool, text_only: bool) -> Path:
+    """The cold start: FSDP2 on 2 processes, mixed data, gradient accumulation and checkpointing. Returns its policy."""
     t = (time.time(), cpu_seconds())
     sft = out / "sft"
     if not (sft / "DONE").exists():  # a rerun into the same --out_dir reuses a finished cold start
         shutil.rmtree(sft, ignore_errors=True)
-        flags = ["--model", world["init"], "--data", world["sft_reflect"], "--out_dir", str(sft),
-                 "--max_steps", str(a.sft_steps), "--batch_size", "4", "--grad_accum", "2", "--bucket", "1",
-                 "--lr", "3e-3", "--freeze_vision", "false",
-                 "--save_every", str(a.sft_steps // 2)]
-        run_ok(launch("train_sft.py", flags, fsdp), out / "sft.log", "train_sft.py")
+        options = {"model": world["init"], "data": world["sft_reflect"], "out_dir": sft, "max_steps": a.sft_steps,
+                   "batch_size": 4, "grad_accum": 2, "bucket": 1, "lr": "3e-3", "freeze_vision": "false",
+                   "save_every": a.sft_steps // 2}
+        run_ok(launch("train_sft.py", as_flags(options), fsdp), out / "sft.log", "train_sft.py")
         (sft / "DONE").write_text("finished\n")
-    policy = checkpoint.latest_checkpoint(sft) / "policy"
     sft_rows = read_metrics(sft)
     one_sided, n_micro = (0, 0) if text_only else mixed_micro_batches(sft)
     images = "text only" if text_only else f"{one_sided}/{n_micro} micro-batches had images on one process only"
@@ -215,25 +218,28 @@ def rehearse(a, out: Path, fsdp: bool) -> int:
           f"({stage(t)})", flush=True)
     if one_sided == 0 and not text_only:
         raise Failed("no SFT micro-batch had images on one process and none on the other")
+    return checkpoint.latest_checkpoint(sft) / "policy"
 
-    # ---- GRPO with the preset's structure: an uninterrupted run, and one killed mid-run and resumed
-    flags = ["--model", str(policy), "--data", world["train"], "--eval_data", "", "--max_steps", str(a.grpo_steps),
-             "--rollout_batch_size", "16", "--group_size", "8", "--train_batch_size", "16", "--micro_batch_size", "4",
-             "--ratio_cap", "3", "--filter_accuracy", "true", "--max_draws", "2", "--gradient_checkpointing", "true",
-             "--freeze_vision", "true", "--save_every", "1", "--temperature", "0.7", "--max_new_tokens", "160",
-             "--lr", str(a.grpo_lr), "--eval_every", "0", "--samples_every", "1", "--plot", "false",
-             "--engine", a.engine]
+
+def grpo_killed_and_resumed(a, world: dict, policy: Path, out: Path, fsdp: bool) -> None:
+    """GRPO with the preset's structure: an uninterrupted run, and one killed mid-run and resumed; the two must log
+    the same steps, and the preset's ratio cap, clip and filter must have acted."""
+    options = {"model": policy, "data": world["train"], "eval_data": "", "max_steps": a.grpo_steps,
+               "rollout_batch_size": 16, "group_size": 8, "train_batch_size": 16, "micro_batch_size": 4,
+               "ratio_cap": 3, "filter_accuracy": "true", "max_draws": 2, "gradient_checkpointing": "true",
+               "freeze_vision": "true", "save_every": 1, "temperature": "0.7", "max_new_tokens": 160,
+               "lr": a.grpo_lr, "eval_every": 0, "samples_every": 1, "plot": "false", "engine": a.engine}
     if a.engine == "vllm":  # on CPU the fraction is of the machine's memory, for each process's KV cache
-        flags += ["--vllm_gpu_memory_utilization", "0.02", "--vllm_max_model_len", "1024"]
+        options.update(vllm_gpu_memory_utilization="0.02", vllm_max_model_len=1024)
     t = (time.time(), cpu_seconds())
     ref, grpo = out / "grpo-ref", out / "grpo"
     shutil.rmtree(ref, ignore_errors=True)
-    run_ok(launch("train_grpo.py", [*flags, "--out_dir", str(ref)], fsdp), out / "grpo-ref.log", "train_grpo.py")
+    run_ok(launch("train_grpo.py", as_flags({**options, "out_dir": ref}), fsdp), out / "grpo-ref.log", "train_grpo.py")
     print(f"[grpo-ref] {a.grpo_steps} steps uninterrupted ({stage(t)})", flush=True)
 
     t = (time.time(), cpu_seconds())
     shutil.rmtree(grpo, ignore_errors=True)
-    code = run(launch("train_grpo.py", [*flags, "--out_dir", str(grpo)], fsdp), out / "grpo-killed.log",
+    code = run(launch("train_grpo.py", as_flags({**options, "out_dir": grpo}), fsdp), out / "grpo-killed.log",
                kill_at=grpo / f"checkpoint-{a.kill_after}")
     if code != -signal.SIGKILL:
         raise Failed(f"the run to be killed ended by itself with status {code} (log: {out / 'grpo-killed.log'})")
@@ -242,8 +248,8 @@ def rehearse(a, out: Path, fsdp: bool) -> int:
         raise Failed(f"the kill came too late to be mid-run: steps {before} were logged")
     print(f"[grpo] killed with steps {before} logged; resuming", flush=True)
     log = out / "grpo-resumed.log"
-    run_ok(launch("train_grpo.py", [*flags, "--out_dir", str(grpo), "--resume", "true"], fsdp), log,
-           "train_grpo.py --resume true")
+    resume = as_flags({**options, "out_dir": grpo, "resume": "true"})
+    run_ok(launch("train_grpo.py", resume, fsdp), log, "train_grpo.py --resume true")
     if f"checkpoint-{a.kill_after} at step {a.kill_after}" not in log.read_text(errors="replace"):
         raise Failed(f"the resumed run did not start from checkpoint-{a.kill_after} (log: {log})")
     resumed, reference = read_metrics(grpo), read_metrics(ref)
@@ -256,7 +262,11 @@ def rehearse(a, out: Path, fsdp: bool) -> int:
         print(f"  step {m['step']}: reward {m['reward_mean']:.3f} accuracy {m['accuracy']:.3f} loss {m['loss']:.4f} "
               f"clip {m.get('clip_ratio_low', 0) + m.get('clip_ratio_high', 0):.3f} "
               f"capped {m.get('ratio_capped', 0):.4f} filtered {m['filtered_groups']}", flush=True)
-    return a.grpo_steps
+
+
+def as_flags(options: dict) -> list[str]:
+    """A script's command line from {option: value}: --option str(value) pairs, in order."""
+    return [x for k, v in options.items() for x in (f"--{k}", str(v))]
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ reflect_data="synthetic")) with --max_new_tokens 192 (README, Performance).
 nanosrpo runs through its own script, train_grpo.main, with flags; its times are the step's own metrics.jsonl
 (time_rollout_s: prompts -> completions -> rewards -> advantages; time_train_s: the update; time_sync_s: engine sync,
 0 for transformers). TRL runs GRPOTrainer.train(); its rollout is the time spent in _generate_and_score_completions
-(generate -> rewards -> advantages: the same span as nanosrpo's rollout.collect), timed by wrapping that method on
-the trainer instance; its step is on_step_begin -> on_step_end of a TrainerCallback (all 4 micro-batches, the
-generation included, the optimizer step), and its update is the step minus the rollout.
+(generate -> rewards -> advantages: the same span as nanosrpo's rollout.collect and grpo.group_advantages), timed by
+wrapping that method on the trainer instance; its step is on_step_begin -> on_step_end of a TrainerCallback (all 4
+micro-batches, the generation included, the optimizer step), and its update is the step minus the rollout.
 
 Each side runs in its own subprocess (so peak RSS is each side's own: ru_maxrss at its end), alternating A B A B over
 --rounds rounds (round r uses seed --seed + r on both sides: new prompts, the same on both), the first --warmup steps
@@ -100,17 +100,16 @@ def run_nanosrpo(a, world: dict, run_dir: Path, engine: str) -> list[dict]:
     import train_grpo
 
     n = a.prompts * a.group_size
-    train_grpo.main([
-        "--model", a.model, "--data", world["train"], "--eval_data", "", "--out_dir", str(run_dir),
-        "--seed", str(a.seed), "--cpu_threads", str(a.threads), "--max_steps", str(a.warmup + a.steps),
-        "--engine", engine, "--gen_batch_size", str(n), "--max_new_tokens", str(a.max_new_tokens),
-        "--temperature", "1.0", "--top_p", "1.0", "--group_size", str(a.group_size), "--rollout_batch_size", str(a.prompts),
-        "--train_batch_size", str(n), "--micro_batch_size", str(a.micro_batch_size), "--ppo_epochs", "1",
-        "--kl_coef", "0", "--aggregation", a.aggregation, "--lr", str(a.lr), "--warmup_ratio", "0", "--min_lr_ratio", "1.0",
-        "--adam_beta1", "0.9", "--adam_beta2", "0.95", "--weight_decay", "0", "--max_grad_norm", "1.0",
-        "--clip_low", "0.2", "--clip_high", "0.2", "--eval_every", "0", "--samples_every", "0",
-        "--keep_checkpoints", "1", "--plot", "false",
-    ])
+    options = {
+        "model": a.model, "data": world["train"], "eval_data": "", "out_dir": run_dir, "seed": a.seed,
+        "cpu_threads": a.threads, "max_steps": a.warmup + a.steps, "engine": engine, "gen_batch_size": n,
+        "max_new_tokens": a.max_new_tokens, "temperature": "1.0", "top_p": "1.0", "group_size": a.group_size,
+        "rollout_batch_size": a.prompts, "train_batch_size": n, "micro_batch_size": a.micro_batch_size,
+        "ppo_epochs": 1, "kl_coef": 0, "aggregation": a.aggregation, "lr": a.lr, "warmup_ratio": 0, "min_lr_ratio": "1.0",
+        "adam_beta1": "0.9", "adam_beta2": "0.95", "weight_decay": 0, "max_grad_norm": "1.0", "clip_low": "0.2",
+        "clip_high": "0.2", "eval_every": 0, "samples_every": 0, "keep_checkpoints": 1, "plot": "false",
+    }
+    train_grpo.main([x for k, v in options.items() for x in (f"--{k}", str(v))])
     rows = []
     for line in open(run_dir / "metrics.jsonl"):
         m = json.loads(line)
@@ -123,12 +122,45 @@ def run_nanosrpo(a, world: dict, run_dir: Path, engine: str) -> list[dict]:
     return rows
 
 
+def trl_config(a, run_dir: Path, total: int, generation_kwargs: dict):
+    """TRL's GRPOConfig for the same work as nanosrpo's flags in run_nanosrpo (the module docstring's list)."""
+    from trl import GRPOConfig
+
+    n = a.prompts * a.group_size
+    return GRPOConfig(
+        output_dir=str(run_dir), max_steps=total, seed=a.seed, shuffle_dataset=False, remove_unused_columns=False,
+        per_device_train_batch_size=a.micro_batch_size, gradient_accumulation_steps=n // a.micro_batch_size,
+        num_generations=a.group_size, max_completion_length=a.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+        generation_kwargs=generation_kwargs,
+        beta=0.0, num_iterations=1, epsilon=0.2, loss_type=LOSS_PAIRS[a.aggregation], scale_rewards="group",
+        learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", adam_beta1=0.9,
+        adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0,
+        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+    )
+
+
+def trl_prompts(a, world: dict, system: str, total: int):
+    """(order, dataset): the records of nanosrpo's prompt order (one process: positions 0, 1, 2, ...), so step s sees
+    the same prompts on both sides, and TRL's dataset of them. Each prompt is data.prompt_messages with the (text-only)
+    user content as a string: Arrow columns cannot mix a string (system) and a list of parts (user); the chat
+    template renders both the same (run_trl checks it, on the ids)."""
+    from datasets import Dataset
+
+    from nanosrpo import data
+
+    records = data.load_rl_records(world["train"])
+    order = [records[data.prompt_index(i, len(records), a.seed)] for i in range(total * a.prompts)]
+    messages = [[{"role": "system", "content": system}, {"role": "user", "content": data.question_text(r)}]
+                for r in order]
+    return order, Dataset.from_list([{"prompt": m, "idx": i} for i, m in enumerate(messages)])
+
+
 def run_trl(a, world: dict, run_dir: Path) -> tuple[list[dict], bool]:
     """GRPOTrainer.train() on the same prompts, reward and settings; per-step rows from a callback and a timer."""
     import torch
-    from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from nanosrpo import data, model, prompts, rewards
 
@@ -136,14 +168,8 @@ def run_trl(a, world: dict, run_dir: Path) -> tuple[list[dict], bool]:
     policy, tok = model.load_policy(a.model)  # fp32, the same loader as nanosrpo's
     tok = data.tokenizer_of(tok)
     system = prompts.system_prompt(reflection=True)  # what train_grpo uses for the (default) paper reward
-    records = data.load_rl_records(world["train"])
     total = a.warmup + a.steps
-    # nanosrpo's prompt order (one process: positions 0, 1, 2, ...), so step s sees the same 8 prompts on both sides
-    order = [records[data.prompt_index(i, len(records), a.seed)] for i in range(total * a.prompts)]
-    # the messages of data.prompt_messages with the (text-only) user content as a string: Arrow columns cannot mix a
-    # string (system) and a list of parts (user); the chat template renders both the same (checked below, on the ids)
-    dataset = Dataset.from_list([{"prompt": [{"role": "system", "content": system}, {"role": "user", "content": data.question_text(r)}],
-                                  "idx": i} for i, r in enumerate(order)])
+    order, dataset = trl_prompts(a, world, system, total)
 
     def count_tokens(s):  # f_len counts policy tokens, as train_grpo's reward does
         return len(tok(s, add_special_tokens=False)["input_ids"])
@@ -158,26 +184,16 @@ def run_trl(a, world: dict, run_dir: Path) -> tuple[list[dict], bool]:
         return out
 
     # the same stop ids and suppressed tokens as nanosrpo's TransformersEngine
-    stop = sorted(set(policy.generation_config.eos_token_id if isinstance(policy.generation_config.eos_token_id, list)
-                      else [policy.generation_config.eos_token_id]) | {tok.convert_tokens_to_ids("<|im_end|>")})
+    eos = policy.generation_config.eos_token_id
+    stop = sorted(set(eos if isinstance(eos, list) else [eos]) | {tok.convert_tokens_to_ids("<|im_end|>")})
+    args = trl_config(a, run_dir, total, {"eos_token_id": stop, "suppress_tokens": data.banned_ids(tok)})
     n = a.prompts * a.group_size
-    args = GRPOConfig(
-        output_dir=str(run_dir), max_steps=total, seed=a.seed, shuffle_dataset=False, remove_unused_columns=False,
-        per_device_train_batch_size=a.micro_batch_size, gradient_accumulation_steps=n // a.micro_batch_size,
-        num_generations=a.group_size, max_completion_length=a.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-        generation_kwargs={"eos_token_id": stop, "suppress_tokens": data.banned_ids(tok)},
-        beta=0.0, num_iterations=1, epsilon=0.2, loss_type=LOSS_PAIRS[a.aggregation], scale_rewards="group",
-        learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", adam_beta1=0.9,
-        adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0,
-        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
-    )
     trainer = GRPOTrainer(model=policy, reward_funcs=srpo_reward, args=args, train_dataset=dataset, processing_class=tok)
 
     rollouts, same_prompts = [], []
     generate_and_score = trainer._generate_and_score_completions
 
-    def timed(batch):  # TRL's rollout: generate -> rewards -> advantages, as nanosrpo's rollout.collect
+    def timed(batch):  # TRL's rollout: generate -> rewards -> advantages, as nanosrpo's
         t0 = time.perf_counter()
         out = generate_and_score(batch)
         rollouts.append({"rollout": time.perf_counter() - t0, "tokens": int(out["completion_mask"].sum())})

@@ -81,51 +81,29 @@ def decode(model, processor, prompts, n, max_new_tokens, stop_ids, suppress, tem
            greedy=False, logprobs=False) -> list[tuple[list[int], list[float] | None]]:
     """n completions of each prompt, prompt-major (rows i*n .. i*n+n-1 belong to prompts[i]): [(ids, logprobs)].
 
-    1. Prefill each distinct prompt once (left-padded batch; images through the vision tower once), keeping only the
-       last position's logits. With nanosrpo.attention (sdpa, the default) the prompts' KV cache stays one copy per
-       prompt (attention.Prefix) and the rows attend to it; otherwise it is repeated n times along the batch
-       (repeat_interleave: a group's rows are adjacent).
-    2. Decode one token per step for the rows still running. Positions are passed explicitly, as generate computes
-       them: text positions count a row's real tokens (left padding does not shift them), and Qwen2.5-VL's 3-D M-RoPE
-       positions come from the model's own get_rope_index at prefill and then advance by 1 per token on all axes
-       (= text position + rope_delta), so the rope index is never recomputed.
+    1. Prefill each distinct prompt once (_prefill). With nanosrpo.attention (sdpa, the default) the prompts' KV cache
+       stays one copy per prompt (attention.Prefix) and the rows attend to it; otherwise it is repeated n times along
+       the batch (repeat_interleave: a group's rows are adjacent).
+    2. Decode one token per step for the rows still running (_next_token: generate's distribution). Positions are
+       passed explicitly and advance by 1 per token on all axes (Qwen2.5-VL: text position + rope_delta), so the
+       rope index is never recomputed.
     3. A row stops at its first stop id (kept in its ids) or at max_new_tokens; finished rows leave the batch
        (index_select on the rows' KV cache), so the tail decodes only live rows.
-    Sampling draws from generate's distribution: suppressed ids -> -inf, then logits / temperature, then top-p (same
-    rule as transformers' TopPLogitsWarper; top_k is 0: none), one draw per row from the global torch RNG (`sample`);
-    greedy is argmax of the suppressed logits (no temperature). logprobs are log_softmax of those processed logits at
-    the chosen token, i.e. the distribution sampled from, which is what the trainer's log_softmax(logits / temperature)
-    recomputes when top_p = 1.
     The model's own generation_config (e.g. a checkpoint's repetition_penalty) is not applied: as in the vLLM engine,
     only the arguments given here shape the distribution, so that it is the one the trainer scores.
     """
     from transformers import DynamicCache
 
     device = model.device
-    batch = data.collate(processor, [{"input_ids": p["ids"], "loss_mask": [0] * len(p["ids"]), "images": p["images"]}
-                                     for p in prompts], pad_side="left")
-    inputs = {k: v.to(device) for k, v in batch.items() if k not in ("loss_mask", "labels")}
-    attn = inputs["attention_mask"]
-    text_pos = (attn.cumsum(-1) - 1).clamp(min=0)  # generate's positions: 0 on the first real token of each row
-    vl = hasattr(model.config, "vision_config")
-    if vl and "image_grid_thw" in inputs:  # [4, B, T]: text positions (for the mask) + (t, h, w) M-RoPE positions
-        rope, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-                                             image_grid_thw=inputs["image_grid_thw"], attention_mask=attn)
-        pos = torch.cat([text_pos[None], rope.to(text_pos.dtype)])
-    elif vl:  # no image in this batch: the three M-RoPE axes are the text position
-        pos = text_pos[None].expand(4, -1, -1)
-    else:
-        pos = text_pos
-    cache = DynamicCache(config=model.config)
-    logits = model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits, cache, attn, pos = _prefill(model, processor, prompts)
 
     # The group: n rows per prompt. With nanosrpo.attention the prompts' cache stays one copy per group (the Prefix)
     # and `cache` holds each row's own tokens only; otherwise the rows get n adjacent copies of the prompt's cache.
     live = torch.arange(len(prompts) * n, device=device)  # row numbers of the rows still in the batch
     prefix = None
     if model.config.get_text_config()._attn_implementation == attention.NAME:
-        prefix = attention.Prefix([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
-                                  attn.bool(), n, live)
+        keys, values = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+        prefix = attention.Prefix(keys, values, attn.bool(), n, live)
         cache = DynamicCache(config=model.config)
     else:
         cache.batch_repeat_interleave(n)
@@ -137,16 +115,7 @@ def decode(model, processor, prompts, n, max_new_tokens, stop_ids, suppress, tem
     lps = [[] for _ in range(len(prompts) * n)] if logprobs else None
 
     for step in range(max_new_tokens):
-        scores = logits.float()
-        scores[:, banned] = float("-inf")
-        if greedy:
-            token = scores.argmax(-1)
-        else:
-            if temperature != 1.0:
-                scores = scores / temperature
-            if top_p < 1.0:
-                scores = _top_p(scores, top_p)
-            token = sample(scores.softmax(-1))
+        token, scores = _next_token(logits, banned, temperature, top_p, greedy)
         for r, t in zip(live.tolist(), token.tolist()):
             ids[r].append(t)
         if logprobs:
@@ -162,15 +131,59 @@ def decode(model, processor, prompts, n, max_new_tokens, stop_ids, suppress, tem
                 cache.batch_select_indices(keep)
             live, token, attn, pos = live[keep], token[keep], attn[keep], pos.index_select(pos.dim() - 2, keep)
         attn = torch.cat([attn, attn.new_ones(len(live), 1)], dim=1)
+        step_inputs = dict(input_ids=token[:, None], position_ids=pos, past_key_values=cache, use_cache=True)
         if prefix is None:
-            logits = model(input_ids=token[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
-                           use_cache=True).logits[:, -1]
+            logits = model(**step_inputs, attention_mask=attn).logits[:, -1]
         else:  # the mask is the Prefix's: every row sees its prompt's real tokens and all of its own
             prefix.live = live
-            logits = model(input_ids=token[:, None], position_ids=pos, past_key_values=cache, use_cache=True,
-                           prefix=prefix).logits[:, -1]
+            logits = model(**step_inputs, prefix=prefix).logits[:, -1]
         pos = pos + 1
     return [(ids[r], lps[r] if logprobs else None) for r in range(len(ids))]
+
+
+def _prefill(model, processor, prompts):
+    """One forward over the distinct prompts (a left-padded batch; images through the vision tower once), keeping only
+    the last position's logits. Returns (logits [P, V], the KV cache, attention_mask [P, T], position ids).
+
+    Positions are passed explicitly, as generate computes them: text positions count a row's real tokens (left padding
+    does not shift them), and Qwen2.5-VL's 3-D M-RoPE positions come from the model's own get_rope_index."""
+    from transformers import DynamicCache
+
+    rows = [{"input_ids": p["ids"], "loss_mask": [0] * len(p["ids"]), "images": p["images"]} for p in prompts]
+    batch = data.collate(processor, rows, pad_side="left")
+    inputs = {k: v.to(model.device) for k, v in batch.items() if k not in ("loss_mask", "labels")}
+    attn = inputs["attention_mask"]
+    text_pos = (attn.cumsum(-1) - 1).clamp(min=0)  # generate's positions: 0 on the first real token of each row
+    vl = hasattr(model.config, "vision_config")
+    if vl and "image_grid_thw" in inputs:  # [4, B, T]: text positions (for the mask) + (t, h, w) M-RoPE positions
+        rope, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                             image_grid_thw=inputs["image_grid_thw"], attention_mask=attn)
+        pos = torch.cat([text_pos[None], rope.to(text_pos.dtype)])
+    elif vl:  # no image in this batch: the three M-RoPE axes are the text position
+        pos = text_pos[None].expand(4, -1, -1)
+    else:
+        pos = text_pos
+    cache = DynamicCache(config=model.config)
+    logits = model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    return logits, cache, attn, pos
+
+
+def _next_token(logits, banned, temperature: float, top_p: float, greedy: bool):
+    """(each row's next token, the processed scores it was drawn from: their log_softmax is its log-prob).
+
+    Sampling draws from generate's distribution: suppressed ids -> -inf, then logits / temperature, then top-p (same
+    rule as transformers' TopPLogitsWarper; top_k is 0: none), one draw per row from the global torch RNG (`sample`);
+    greedy is argmax of the suppressed logits (no temperature). The log-probs are those of the distribution sampled
+    from, which is what the trainer's log_softmax(logits / temperature) recomputes when top_p = 1."""
+    scores = logits.float()
+    scores[:, banned] = float("-inf")
+    if greedy:
+        return scores.argmax(-1), scores
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_p < 1.0:
+        scores = _top_p(scores, top_p)
+    return sample(scores.softmax(-1)), scores
 
 
 def sample(probs: torch.Tensor) -> torch.Tensor:

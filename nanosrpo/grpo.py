@@ -107,23 +107,28 @@ def policy_loss(
     elif aggregation == "token-mean":  # DAPO: every valid token of the update weighs the same, long answers count more
         total, default = per_token.sum(), m.sum().clamp(min=1.0)
     else:  # Dr. GRPO: token sum over a constant length, so the loss has no per-sequence length bias
-        total, default = (per_token.sum(dim=1) / (max_len if max_len is not None else mask.shape[1])).sum(), logprobs.shape[0]
+        length = max_len if max_len is not None else mask.shape[1]
+        total, default = (per_token.sum(dim=1) / length).sum(), logprobs.shape[0]
     loss = total / (normalizer if normalizer is not None else default)
+    return loss, _stats(ratio, A, valid, m, kl, clip_low, clip_high, ratio_cap)
 
-    with torch.no_grad():
-        n = m.sum().clamp(min=1.0)
-        low = (A < 0) & (ratio < 1.0 - clip_low) & valid  # clipped branch active on the low side: gradient is 0
-        high = (A > 0) & (ratio > 1.0 + clip_high) & valid  # ... and on the high side
-        capped = (A < 0) & (ratio > ratio_cap) & valid if ratio_cap > 0 else torch.zeros_like(valid)  # the cap acts
-        stats = {
-            "clip_ratio_low": (low.sum() / n).item(),
-            "clip_ratio_high": (high.sum() / n).item(),
-            "clip_ratio": ((low | high).sum() / n).item(),
-            "ratio_capped": (capped.sum() / n).item(),
-            "ratio_mean": ((ratio * m).sum() / n).item(),
-            "kl": ((kl * m).sum() / n).item(),  # 0.0 without a reference model
-        }
-    return loss, stats
+
+@torch.no_grad()
+def _stats(ratio, A, valid, m, kl, clip_low: float, clip_high: float, ratio_cap: float) -> dict:
+    """policy_loss's diagnostics, python floats over the valid tokens: where each side of the clip and the ratio cap
+    acted (the token's gradient is 0 there), the mean ratio, the mean KL (0.0 without a reference model)."""
+    n = m.sum().clamp(min=1.0)
+    low = (A < 0) & (ratio < 1.0 - clip_low) & valid  # clipped branch active on the low side: gradient is 0
+    high = (A > 0) & (ratio > 1.0 + clip_high) & valid  # ... and on the high side
+    capped = (A < 0) & (ratio > ratio_cap) & valid if ratio_cap > 0 else torch.zeros_like(valid)  # the cap acts
+    return {
+        "clip_ratio_low": (low.sum() / n).item(),
+        "clip_ratio_high": (high.sum() / n).item(),
+        "clip_ratio": ((low | high).sum() / n).item(),
+        "ratio_capped": (capped.sum() / n).item(),
+        "ratio_mean": ((ratio * m).sum() / n).item(),
+        "kl": ((kl * m).sum() / n).item(),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------- log-probs

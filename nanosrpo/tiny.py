@@ -268,7 +268,6 @@ def ensure_policy(cache_dir: str, size: str = "1m", text_only: bool = False, sta
     <world>/base and <world>/reflect[-curated] (save_pretrained dirs; the runs' metrics.jsonl and run.json stay in
     <world>/<name>-run). Delete those to rebuild. Call on one process at a time (accelerator.main_process_first()).
     """
-    import os
     import subprocess
     import sys
 
@@ -290,13 +289,7 @@ def ensure_policy(cache_dir: str, size: str = "1m", text_only: bool = False, sta
     repo = Path(__file__).resolve().parent.parent
     run_dir, tmp = root / f"{dest.name}-run", root / f"{dest.name}-run.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    # Why a child process and not train_sft.main(): accelerate keeps one state per process (device, process group,
-    # mixed precision), so a script already running under `accelerate launch` / torchrun cannot start a fresh
-    # single-process training run inside itself. The child gets a clean one: without the launcher's variables it does
-    # not try to join our process group. (The OMP_NUM_THREADS=1 they export does not starve it: a single CPU process
-    # takes every core, see model.use_cpu_cores.)
-    launcher = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
+    env = _child_env()
     world = ["--cache_dir", cache_dir, "--tiny_size", size, "--text_only", str(text_only)]
     sft_data = []
     if curated:  # SRPO stage 1 for real: the base answers, the oracle reflects (curate.py; resumable, so a killed
@@ -317,6 +310,22 @@ def ensure_policy(cache_dir: str, size: str = "1m", text_only: bool = False, sta
     for done in run_dir.glob("checkpoint-*"):  # optimizer states etc.: nobody resumes a finished tiny run
         shutil.rmtree(done, ignore_errors=True)
     return str(dest)
+
+
+def _child_env() -> dict:
+    """This process's environment without a launcher's variables, for ensure_policy's child runs.
+
+    Why a child process and not train_sft.main(): accelerate keeps one state per process (device, process group,
+    mixed precision), so a script already running under `accelerate launch` / torchrun cannot start a fresh
+    single-process training run inside itself. The child gets a clean one: without the launcher's variables it does
+    not try to join our process group. (The OMP_NUM_THREADS=1 they export does not starve it: a single CPU process
+    takes every core, see model.use_cpu_cores.)
+    """
+    import os
+
+    launcher = set("RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK ROLE_RANK MASTER_ADDR MASTER_PORT".split())
+    prefixes = ("ACCELERATE_", "TORCHELASTIC_")
+    return {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith(prefixes)}
 
 
 # ----------------------------------------------------------------------------------------------------- for the scripts

