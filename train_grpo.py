@@ -23,7 +23,22 @@ from accelerate.utils import DistributedType, gather_object
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from nanosrpo import checkpoint, config, data, engine, evaluation, forward, grpo, log, model, optim, prompts, rewards, rollout, tiny
+from nanosrpo import (
+    checkpoint,
+    config,
+    data,
+    engine,
+    evaluation,
+    forward,
+    grpo,
+    log,
+    model,
+    optim,
+    prompts,
+    rewards,
+    rollout,
+    tiny,
+)
 
 
 # ----------------------------------------------------------------------------------------------------- setup
@@ -66,7 +81,9 @@ def prepare_training(cfg, accelerator, policy, paths: dict, total_updates: int):
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
     warmup = math.ceil(cfg.warmup_ratio * total_updates)
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total_updates, min_lr_rate=cfg.min_lr_ratio)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, warmup, total_updates, min_lr_rate=cfg.min_lr_ratio
+    )
     if fsdp:
         optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     else:
@@ -81,8 +98,13 @@ def srpo_reward(text: str, rec: dict, cfg, tok) -> dict:
     """The SRPO reward of one completion (paper Eqs. 4-8), with the run's variant and ablations; f_len counts policy
     tokens."""
     return rewards.srpo_reward(
-        text, rec["answer"], choices=rec["choices"], variant=cfg.reward_variant, alpha=cfg.alpha,
-        use_effectiveness=cfg.use_effectiveness, use_length=cfg.use_length,
+        text,
+        rec["answer"],
+        choices=rec["choices"],
+        variant=cfg.reward_variant,
+        alpha=cfg.alpha,
+        use_effectiveness=cfg.use_effectiveness,
+        use_length=cfg.use_length,
         count_tokens=lambda s: len(tok(s, add_special_tokens=False)["input_ids"]),
     )
 
@@ -100,7 +122,9 @@ def old_and_ref_logprobs(samples, policy, ref_policy, batches, cfg, accelerator,
             s[key] = row
 
 
-def update(policy, optimizer, scheduler, samples, batches, cfg, accelerator, step: int, per_update: int, on_policy: bool):
+def update(
+    policy, optimizer, scheduler, samples, batches, cfg, accelerator, step: int, per_update: int, on_policy: bool
+):
     """ppo_epochs passes over the step's samples, each cut into updates of per_update samples: whole groups in a random
     order (mini-batches count prompts, as verl's do). An update accumulates its micro-batches' gradients, then takes
     one AdamW step. Returns (each micro-batch's loss and stats, each update's gradient norm), in order."""
@@ -110,7 +134,9 @@ def update(policy, optimizer, scheduler, samples, batches, cfg, accelerator, ste
         groups = torch.randperm(len(samples) // cfg.group_size, generator=order_gen).tolist()
         order = [g * cfg.group_size + j for g in groups for j in range(cfg.group_size)]
         for u in range(0, len(order), per_update):
-            micro += accumulate_gradients(policy, samples, order[u : u + per_update], batches, cfg, accelerator, on_policy)
+            micro += accumulate_gradients(
+                policy, samples, order[u : u + per_update], batches, cfg, accelerator, on_policy
+            )
             grad_norms.append(optim.clip_and_step(accelerator, policy, optimizer, scheduler, cfg.max_grad_norm))
     return micro, grad_norms
 
@@ -141,29 +167,61 @@ def micro_batch_loss(policy, mb: dict, cfg, normalizer: float, on_policy: bool):
     if cfg.tis_cap > 0:
         tis = (old - mb["engine_logprobs"]).exp().clamp(max=cfg.tis_cap)
     return grpo.policy_loss(
-        lp, old, mb["advantages"], mb["loss_mask"], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-        ref_logprobs=mb.get("ref_logprobs"), kl_coef=cfg.kl_coef, aggregation=cfg.aggregation,
-        max_len=cfg.max_new_tokens, token_weights=tis, normalizer=normalizer, ratio_cap=cfg.ratio_cap,
+        lp,
+        old,
+        mb["advantages"],
+        mb["loss_mask"],
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        ref_logprobs=mb.get("ref_logprobs"),
+        kl_coef=cfg.kl_coef,
+        aggregation=cfg.aggregation,
+        max_len=cfg.max_new_tokens,
+        token_weights=tis,
+        normalizer=normalizer,
+        ratio_cap=cfg.ratio_cap,
     )
 
 
 # ------------------------------------------------------------------------------------------------- step 6: the books
-def step_metrics(step: int, batch: dict, samples: list[dict], micro: list[tuple], grad_norms: list[float], lr: float,
-                 accelerator, times: dict) -> dict:
+def step_metrics(
+    step: int,
+    batch: dict,
+    samples: list[dict],
+    micro: list[tuple],
+    grad_norms: list[float],
+    lr: float,
+    accelerator,
+    times: dict,
+) -> dict:
     """The step's row of metrics.jsonl: the rollouts' scores (log.rollout_metrics) and the counts summed over all
     processes, the update's loss (each update's, all its micro-batches and processes, averaged over updates), gradient
     norm, clip / cap / KL statistics (means over micro-batches), and the timings."""
     scores = [s for gs in gather_object([g["scores"] for g in batch["groups"]]) for s in gs]
-    mine = [sum(loss for loss, _ in micro), batch["filtered"], batch["short"], sum(len(s["input_ids"]) for s in samples)]
+    mine = [
+        sum(loss for loss, _ in micro),
+        batch["filtered"],
+        batch["short"],
+        sum(len(s["input_ids"]) for s in samples),
+    ]
     counts = accelerator.reduce(torch.tensor(mine, dtype=torch.float64, device=accelerator.device), "sum").tolist()
     stats = [s for _, s in micro]
     return {
-        "step": step + 1, **log.rollout_metrics(scores),
-        "loss": counts[0] / len(grad_norms), "grad_norm": sum(grad_norms) / len(grad_norms), "lr": lr,
-        "filtered_groups": int(counts[1]), "short_groups": int(counts[2]),
-        "time_rollout_s": times["rollout"], "time_train_s": times["train"], "time_sync_s": times["sync"],
+        "step": step + 1,
+        **log.rollout_metrics(scores),
+        "loss": counts[0] / len(grad_norms),
+        "grad_norm": sum(grad_norms) / len(grad_norms),
+        "lr": lr,
+        "filtered_groups": int(counts[1]),
+        "short_groups": int(counts[2]),
+        "time_rollout_s": times["rollout"],
+        "time_train_s": times["train"],
+        "time_sync_s": times["sync"],
         "tokens_per_s": counts[3] / (time.time() - times["start"]),
-        **{k: sum(s[k] for s in stats) / len(stats) for k in ("clip_ratio_low", "clip_ratio_high", "ratio_capped", "kl")},
+        **{
+            k: sum(s[k] for s in stats) / len(stats)
+            for k in ("clip_ratio_low", "clip_ratio_high", "ratio_capped", "kl")
+        },
     }
 
 
@@ -171,9 +229,11 @@ def show(m: dict, cfg, bar, shown: dict, eval0, accelerator, seconds: float) -> 
     """The step on the console: the warning of a short dynamic-sampling batch, and the progress bar, which keeps the
     last held-out greedy accuracy (and its gain since step 0) from one eval to the next."""
     if m["short_groups"]:
-        accelerator.print(f"warning: step {m['step']}: dynamic sampling drew --max_draws {cfg.max_draws} batches and "
-                          f"still lacked {m['short_groups']} groups that pass the accuracy filter; topped up with "
-                          f"filtered groups at zero advantage")
+        accelerator.print(
+            f"warning: step {m['step']}: dynamic sampling drew --max_draws {cfg.max_draws} batches and "
+            f"still lacked {m['short_groups']} groups that pass the accuracy filter; topped up with "
+            f"filtered groups at zero advantage"
+        )
     if "eval_accuracy" in m:
         gain = "" if eval0 is None else f" ({m['eval_accuracy'] - eval0:+.3f} vs step 0)"
         shown["eval"] = f"{m['eval_accuracy']:.3f}{gain}"
@@ -183,7 +243,9 @@ def show(m: dict, cfg, bar, shown: dict, eval0, accelerator, seconds: float) -> 
 def main(argv=None):
     cfg = config.parse(config.GRPOConfig, argv)
     # step_scheduler_with_optimizer=False: we step the schedule once per update (accelerate would step it per process)
-    accelerator = Accelerator(log_with=cfg.report_to or None, project_dir=cfg.out_dir, step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(
+        log_with=cfg.report_to or None, project_dir=cfg.out_dir, step_scheduler_with_optimizer=False
+    )
     world = accelerator.num_processes
     if cfg.attn_implementation == "flash_attention_2" and accelerator.mixed_precision not in ("bf16", "fp16"):
         raise SystemExit(
@@ -200,7 +262,9 @@ def main(argv=None):
     # A run is max_steps steps, or (max_steps = 0) as many as `epochs` passes over the data take; the schedule counts
     # the updates of the plain case (dynamic sampling consumes prompts faster and ends the passes sooner).
     max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(records) / cfg.rollout_batch_size)
-    policy, optimizer, scheduler, ref_policy = prepare_training(cfg, accelerator, policy, paths, max_steps * updates_per_step)
+    policy, optimizer, scheduler, ref_policy = prepare_training(
+        cfg, accelerator, policy, paths, max_steps * updates_per_step
+    )
     gen = engine.make(cfg, accelerator.unwrap_model(policy), processor, paths["model"])
     reward = functools.partial(srpo_reward, cfg=cfg, tok=data.tokenizer_of(processor))
 
@@ -224,8 +288,9 @@ def main(argv=None):
     # log-probs for a fraction of the work); with flash-attn, padding-free rows (data.packed_batch); else padded.
     layout = "shared" if cfg.share_prompts and model.shares_prompts(policy) else "padded"
     layout = "packed" if cfg.attn_implementation == "flash_attention_2" else layout
-    batches = functools.partial(data.micro_batches, size=cfg.micro_batch_size, processor=processor, layout=layout,
-                                device=accelerator.device)
+    batches = functools.partial(
+        data.micro_batches, size=cfg.micro_batch_size, processor=processor, layout=layout, device=accelerator.device
+    )
     export = checkpoint.export_dtype(cfg.export_dtype, accelerator)
     saving = dict(keep=cfg.keep_checkpoints, optimizer=optimizer, scheduler=scheduler, export_dtype=export)
 
@@ -235,7 +300,9 @@ def main(argv=None):
         metrics_log.write(m0)
         eval0 = m0["eval_accuracy"]
         shown["eval"] = f"{eval0:.3f}"
-    bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not accelerator.is_main_process)
+    bar = tqdm(
+        range(start_step, max_steps), initial=start_step, total=max_steps, disable=not accelerator.is_main_process
+    )
     for step in bar:
         t0 = time.time()
         # Seeded per (step, rank): a resumed run samples exactly what the uninterrupted run would have.
@@ -253,8 +320,9 @@ def main(argv=None):
         t1 = time.time()
         policy.train()  # generate() runs in eval mode; gradient checkpointing runs only in train mode
         old_and_ref_logprobs(samples, policy, ref_policy, batches, cfg, accelerator, on_policy)
-        micro, grad_norms = update(policy, optimizer, scheduler, samples, batches, cfg, accelerator, step, per_update,
-                                   on_policy)
+        micro, grad_norms = update(
+            policy, optimizer, scheduler, samples, batches, cfg, accelerator, step, per_update, on_policy
+        )
         if accelerator.device.type == "cuda":
             torch.cuda.empty_cache()  # hand the allocator's cached blocks back before vLLM wakes up and claims memory
         t_train = time.time() - t1
@@ -274,7 +342,9 @@ def main(argv=None):
             g = batch["groups"][0]
             log.write_samples(cfg.out_dir, step + 1, g["rec"], g["completions"], g["scores"])
         if (step + 1) % cfg.save_every == 0 or last:
-            checkpoint.save_checkpoint(accelerator, policy, processor, cfg.out_dir, step + 1, {"cursor": cursor}, **saving)
+            checkpoint.save_checkpoint(
+                accelerator, policy, processor, cfg.out_dir, step + 1, {"cursor": cursor}, **saving
+            )
         if last:  # max_steps, or `epochs` passes over the data (dynamic sampling gets there in fewer steps)
             break
 

@@ -167,8 +167,9 @@ def main(argv=None):
     policy, optimizer, scheduler = prepare_training(cfg, accelerator, policy, total_steps)
     start_step = 0
     if resume_from is not None:
-        state = checkpoint.load_checkpoint(accelerator, resume_from, model=policy, optimizer=optimizer,
-                                           scheduler=scheduler)
+        state = checkpoint.load_checkpoint(
+            accelerator, resume_from, model=policy, optimizer=optimizer, scheduler=scheduler
+        )
         if state.get("plan_sha") != plan_sha:
             raise SystemExit(
                 f"{resume_from}: the batch plan changed (data, --batch_size, --grad_accum, --epochs/--max_steps, "
@@ -178,12 +179,21 @@ def main(argv=None):
     metrics = log.MetricsWriter(out_dir, enabled=is_main, resume_step=start_step if resume_from else None)
     if is_main:
         log.write_run_info(
-            out_dir, cfg, data=data_path, model_path=model_path, records=len(records),
-            skipped_too_long=len(records) - len(samples), world_size=world, total_steps=total_steps,
-            frozen_vision_tensors=n_frozen, resumed_from=str(resume_from) if resume_from else None,
+            out_dir,
+            cfg,
+            data=data_path,
+            model_path=model_path,
+            records=len(records),
+            skipped_too_long=len(records) - len(samples),
+            world_size=world,
+            total_steps=total_steps,
+            frozen_vision_tensors=n_frozen,
+            resumed_from=str(resume_from) if resume_from else None,
         )
-        print(f"{model_path}: {n_train / 1e6:.2f}M trainable parameters; {len(samples)} records from {data_path}; "
-              f"{total_steps} steps of {cfg.batch_size * world * cfg.grad_accum} sequences; out_dir {out_dir}")
+        print(
+            f"{model_path}: {n_train / 1e6:.2f}M trainable parameters; {len(samples)} records from {data_path}; "
+            f"{total_steps} steps of {cfg.batch_size * world * cfg.grad_accum} sequences; out_dir {out_dir}"
+        )
 
     # ---- the training loop: one optimizer step per iteration, grad_accum micro-batches each.
     policy.train()
@@ -215,9 +225,18 @@ def main(argv=None):
         if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or step + 1 == total_steps:
             state = {"micro_batch": (step + 1) * cfg.grad_accum, "plan_sha": plan_sha, "epoch": row["epoch"]}
             export = checkpoint.export_dtype(cfg.export_dtype, accelerator)
-            checkpoint.save_checkpoint(accelerator, policy, processor, out_dir, step + 1, state,
-                                       keep=cfg.keep_checkpoints, optimizer=optimizer, scheduler=scheduler,
-                                       export_dtype=export)
+            checkpoint.save_checkpoint(
+                accelerator,
+                policy,
+                processor,
+                out_dir,
+                step + 1,
+                state,
+                keep=cfg.keep_checkpoints,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                export_dtype=export,
+            )
     pbar.close()
     metrics.close()
     final = checkpoint.latest_checkpoint(out_dir)

@@ -68,7 +68,9 @@ SIDES = {"nanosrpo": "nanosrpo (transformers engine)", "trl": "TRL 1.16 GRPOTrai
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="nanosrpo's GRPO step vs TRL's GRPOTrainer on the same work (see the module docstring)")
+    p = argparse.ArgumentParser(
+        description="nanosrpo's GRPO step vs TRL's GRPOTrainer on the same work (see the module docstring)"
+    )
     p.add_argument("--size", default="1m", choices=["1m", "10m"], help="tiny text twin size")
     p.add_argument("--steps", type=int, default=10, help="measured steps per side per round")
     p.add_argument("--rounds", type=int, default=2, help="A B rounds (each side a fresh subprocess per round)")
@@ -78,7 +80,12 @@ def parse_args(argv=None):
     p.add_argument("--micro_batch_size", type=int, default=16, help="sequences per forward/backward")
     p.add_argument("--max_new_tokens", type=int, default=64, help="max completion length")
     p.add_argument("--lr", type=float, default=5e-5, help="learning rate (constant on both sides)")
-    p.add_argument("--aggregation", default="seq-mean-token-mean", choices=list(LOSS_PAIRS), help="nanosrpo loss aggregation (TRL gets its pair)")
+    p.add_argument(
+        "--aggregation",
+        default="seq-mean-token-mean",
+        choices=list(LOSS_PAIRS),
+        help="nanosrpo loss aggregation (TRL gets its pair)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads in each side (0: every physical core)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache_dir", default="/tmp/nanosrpo-bench/tiny", help="where the tiny text world is built")
@@ -101,13 +108,38 @@ def run_nanosrpo(a, world: dict, run_dir: Path, engine: str) -> list[dict]:
 
     n = a.prompts * a.group_size
     options = {
-        "model": a.model, "data": world["train"], "eval_data": "", "out_dir": run_dir, "seed": a.seed,
-        "cpu_threads": a.threads, "max_steps": a.warmup + a.steps, "engine": engine, "gen_batch_size": n,
-        "max_new_tokens": a.max_new_tokens, "temperature": "1.0", "top_p": "1.0", "group_size": a.group_size,
-        "rollout_batch_size": a.prompts, "train_batch_size": n, "micro_batch_size": a.micro_batch_size,
-        "ppo_epochs": 1, "kl_coef": 0, "aggregation": a.aggregation, "lr": a.lr, "warmup_ratio": 0, "min_lr_ratio": "1.0",
-        "adam_beta1": "0.9", "adam_beta2": "0.95", "weight_decay": 0, "max_grad_norm": "1.0", "clip_low": "0.2",
-        "clip_high": "0.2", "eval_every": 0, "samples_every": 0, "keep_checkpoints": 1, "plot": "false",
+        "model": a.model,
+        "data": world["train"],
+        "eval_data": "",
+        "out_dir": run_dir,
+        "seed": a.seed,
+        "cpu_threads": a.threads,
+        "max_steps": a.warmup + a.steps,
+        "engine": engine,
+        "gen_batch_size": n,
+        "max_new_tokens": a.max_new_tokens,
+        "temperature": "1.0",
+        "top_p": "1.0",
+        "group_size": a.group_size,
+        "rollout_batch_size": a.prompts,
+        "train_batch_size": n,
+        "micro_batch_size": a.micro_batch_size,
+        "ppo_epochs": 1,
+        "kl_coef": 0,
+        "aggregation": a.aggregation,
+        "lr": a.lr,
+        "warmup_ratio": 0,
+        "min_lr_ratio": "1.0",
+        "adam_beta1": "0.9",
+        "adam_beta2": "0.95",
+        "weight_decay": 0,
+        "max_grad_norm": "1.0",
+        "clip_low": "0.2",
+        "clip_high": "0.2",
+        "eval_every": 0,
+        "samples_every": 0,
+        "keep_checkpoints": 1,
+        "plot": "false",
     }
     train_grpo.main([x for k, v in options.items() for x in (f"--{k}", str(v))])
     rows = []
@@ -116,9 +148,15 @@ def run_nanosrpo(a, world: dict, run_dir: Path, engine: str) -> list[dict]:
         if "time_rollout_s" not in m:
             continue
         rollout = m["time_rollout_s"]
-        rows.append({"rollout": rollout, "update": m["time_train_s"] + m["time_sync_s"],
-                     "step": rollout + m["time_train_s"] + m["time_sync_s"],
-                     "tokens": round(m["response_length_mean"] * m["responses"]), "reward": m["reward_mean"]})
+        rows.append(
+            {
+                "rollout": rollout,
+                "update": m["time_train_s"] + m["time_sync_s"],
+                "step": rollout + m["time_train_s"] + m["time_sync_s"],
+                "tokens": round(m["response_length_mean"] * m["responses"]),
+                "reward": m["reward_mean"],
+            }
+        )
     return rows
 
 
@@ -128,15 +166,41 @@ def trl_config(a, run_dir: Path, total: int, generation_kwargs: dict):
 
     n = a.prompts * a.group_size
     return GRPOConfig(
-        output_dir=str(run_dir), max_steps=total, seed=a.seed, shuffle_dataset=False, remove_unused_columns=False,
-        per_device_train_batch_size=a.micro_batch_size, gradient_accumulation_steps=n // a.micro_batch_size,
-        num_generations=a.group_size, max_completion_length=a.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+        output_dir=str(run_dir),
+        max_steps=total,
+        seed=a.seed,
+        shuffle_dataset=False,
+        remove_unused_columns=False,
+        per_device_train_batch_size=a.micro_batch_size,
+        gradient_accumulation_steps=n // a.micro_batch_size,
+        num_generations=a.group_size,
+        max_completion_length=a.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
         generation_kwargs=generation_kwargs,
-        beta=0.0, num_iterations=1, epsilon=0.2, loss_type=LOSS_PAIRS[a.aggregation], scale_rewards="group",
-        learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", adam_beta1=0.9,
-        adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0,
-        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        beta=0.0,
+        num_iterations=1,
+        epsilon=0.2,
+        loss_type=LOSS_PAIRS[a.aggregation],
+        scale_rewards="group",
+        learning_rate=a.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="adamw_torch",
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
 
 
@@ -151,8 +215,9 @@ def trl_prompts(a, world: dict, system: str, total: int):
 
     records = data.load_rl_records(world["train"])
     order = [records[data.prompt_index(i, len(records), a.seed)] for i in range(total * a.prompts)]
-    messages = [[{"role": "system", "content": system}, {"role": "user", "content": data.question_text(r)}]
-                for r in order]
+    messages = [
+        [{"role": "system", "content": system}, {"role": "user", "content": data.question_text(r)}] for r in order
+    ]
     return order, Dataset.from_list([{"prompt": m, "idx": i} for i, m in enumerate(messages)])
 
 
@@ -179,8 +244,11 @@ def run_trl(a, world: dict, run_dir: Path) -> tuple[list[dict], bool]:
         for c, i in zip(completions, idx):
             rec = order[i]
             text = c[0]["content"] if isinstance(c, list) else c  # conversational prompts: completions are messages
-            out.append(rewards.srpo_reward(text, rec["answer"], choices=rec["choices"], variant="paper", alpha=0.1,
-                                           count_tokens=count_tokens)["total"])
+            out.append(
+                rewards.srpo_reward(
+                    text, rec["answer"], choices=rec["choices"], variant="paper", alpha=0.1, count_tokens=count_tokens
+                )["total"]
+            )
         return out
 
     # the same stop ids and suppressed tokens as nanosrpo's TransformersEngine
@@ -188,7 +256,9 @@ def run_trl(a, world: dict, run_dir: Path) -> tuple[list[dict], bool]:
     stop = sorted(set(eos if isinstance(eos, list) else [eos]) | {tok.convert_tokens_to_ids("<|im_end|>")})
     args = trl_config(a, run_dir, total, {"eos_token_id": stop, "suppress_tokens": data.banned_ids(tok)})
     n = a.prompts * a.group_size
-    trainer = GRPOTrainer(model=policy, reward_funcs=srpo_reward, args=args, train_dataset=dataset, processing_class=tok)
+    trainer = GRPOTrainer(
+        model=policy, reward_funcs=srpo_reward, args=args, train_dataset=dataset, processing_class=tok
+    )
 
     rollouts, same_prompts = [], []
     generate_and_score = trainer._generate_and_score_completions
@@ -221,8 +291,10 @@ def run_trl(a, world: dict, run_dir: Path) -> tuple[list[dict], bool]:
     timer = StepTimer()
     trainer.add_callback(timer)
     trainer.train()
-    rows = [{"rollout": r["rollout"], "update": s - r["rollout"], "step": s, "tokens": r["tokens"], "reward": w}
-            for r, s, w in zip(rollouts, timer.steps, timer.rewards)]
+    rows = [
+        {"rollout": r["rollout"], "update": s - r["rollout"], "step": s, "tokens": r["tokens"], "reward": w}
+        for r, s, w in zip(rollouts, timer.steps, timer.rewards)
+    ]
     return rows, all(same_prompts)
 
 
@@ -262,12 +334,21 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     sides = ["nanosrpo", "trl"] + (["vllm"] if a.vllm else [])
     shared = [f"--{k}={v}" for k, v in vars(a).items() if k not in ("side", "result", "vllm", "seed")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
-    print(f"{a.size} text twin ({a.model}), {a.prompts} prompts x {a.group_size} completions, max {a.max_new_tokens} "
-          f"new tokens, micro-batch {a.micro_batch_size}, aggregation {a.aggregation} = TRL loss_type "
-          f"{LOSS_PAIRS[a.aggregation]}, lr {a.lr}, fp32, {a.threads} threads; {a.rounds} rounds x ({a.warmup} warm-up + "
-          f"{a.steps} measured) steps per side", flush=True)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    print(
+        f"{a.size} text twin ({a.model}), {a.prompts} prompts x {a.group_size} completions, max {a.max_new_tokens} "
+        f"new tokens, micro-batch {a.micro_batch_size}, aggregation {a.aggregation} = TRL loss_type "
+        f"{LOSS_PAIRS[a.aggregation]}, lr {a.lr}, fp32, {a.threads} threads; {a.rounds} rounds x ({a.warmup} warm-up + "
+        f"{a.steps} measured) steps per side",
+        flush=True,
+    )
     results = {s: {"rows": [], "peak_rss": 0, "same_prompts": []} for s in sides}
     for r in range(a.rounds):
         for side in sides:  # A B A B: each side a fresh process per round, the same seed (prompts) within a round
@@ -277,35 +358,53 @@ def main(argv=None):
             result.unlink(missing_ok=True)
             t0 = time.time()
             with open(log, "w") as f:
-                rc = subprocess.run([sys.executable, __file__, *shared, f"--seed={a.seed + r}", f"--side={side}",
-                                     f"--result={result}"], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
+                rc = subprocess.run(
+                    [sys.executable, __file__, *shared, f"--seed={a.seed + r}", f"--side={side}", f"--result={result}"],
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=REPO,
+                ).returncode
             if rc != 0:
                 tail = "".join(open(log).readlines()[-15:])
-                raise SystemExit(f"{tail}\nbench/vs_trl.py: the {side} run (round {r}) failed with exit code {rc}; log: {log}")
+                raise SystemExit(
+                    f"{tail}\nbench/vs_trl.py: the {side} run (round {r}) failed with exit code {rc}; log: {log}"
+                )
             res = json.loads(result.read_text())
             rows = res["rows"][a.warmup :]
             results[side]["rows"] += rows
             results[side]["peak_rss"] = max(results[side]["peak_rss"], res["peak_rss"])
             if res["same_prompts"] is not None:
                 results[side]["same_prompts"].append(res["same_prompts"])
-            print(f"  round {r} {side:8s} {time.time() - t0:6.1f} s wall, step medians "
-                  f"{statistics.median(x['step'] for x in rows):.2f} s", flush=True)
+            print(
+                f"  round {r} {side:8s} {time.time() - t0:6.1f} s wall, step medians "
+                f"{statistics.median(x['step'] for x in rows):.2f} s",
+                flush=True,
+            )
 
     med = {s: _medians(results[s]) for s in sides}
-    print(f"\n{'':34s} {'rollout s':>9s} {'update s':>9s} {'step s':>8s} {'gen tok/step':>12s} {'ms/gen tok':>10s} "
-          f"{'reward':>7s} {'peak RSS GiB':>12s}")
+    print(
+        f"\n{'':34s} {'rollout s':>9s} {'update s':>9s} {'step s':>8s} {'gen tok/step':>12s} {'ms/gen tok':>10s} "
+        f"{'reward':>7s} {'peak RSS GiB':>12s}"
+    )
     for s in sides:
         m = med[s]
-        print(f"{SIDES[s]:34s} {m['rollout']:9.2f} {m['update']:9.2f} {m['step']:8.2f} {m['tokens']:12.0f} "
-              f"{m['ms_per_token']:10.2f} {m['reward']:7.3f} {m['rss'] / 2**30:12.2f}")
+        print(
+            f"{SIDES[s]:34s} {m['rollout']:9.2f} {m['update']:9.2f} {m['step']:8.2f} {m['tokens']:12.0f} "
+            f"{m['ms_per_token']:10.2f} {m['reward']:7.3f} {m['rss'] / 2**30:12.2f}"
+        )
     same = results["trl"]["same_prompts"]
-    print(f"medians of {len(results['nanosrpo']['rows'])} steps per side; TRL's prompt token ids equal nanosrpo's: "
-          f"{'yes' if same and all(same) else 'NO'}")
+    print(
+        f"medians of {len(results['nanosrpo']['rows'])} steps per side; TRL's prompt token ids equal nanosrpo's: "
+        f"{'yes' if same and all(same) else 'NO'}"
+    )
     for s in sides[2:]:
         print(f"ratio {SIDES[s]} / TRL step: {med[s]['step'] / med['trl']['step']:.2f}")
     n, t = med["nanosrpo"], med["trl"]
-    print(f"ratios nanosrpo/TRL: rollout {n['rollout'] / t['rollout']:.2f}, update {n['update'] / t['update']:.2f}, "
-          f"ms/gen tok {n['ms_per_token'] / t['ms_per_token']:.2f}, peak RSS {n['rss'] / t['rss']:.2f}")
+    print(
+        f"ratios nanosrpo/TRL: rollout {n['rollout'] / t['rollout']:.2f}, update {n['update'] / t['update']:.2f}, "
+        f"ms/gen tok {n['ms_per_token'] / t['ms_per_token']:.2f}, peak RSS {n['rss'] / t['rss']:.2f}"
+    )
     print(f"ratio nanosrpo/TRL: {n['step'] / t['step']:.2f}")
 
 

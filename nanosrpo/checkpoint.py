@@ -44,8 +44,19 @@ import torch
 _NAME = re.compile(r"checkpoint-(\d+)$")
 
 
-def save_checkpoint(accelerator, model, processor, out_dir, step: int, state: dict, keep: int = 2, *, optimizer,
-                    scheduler, export_dtype: torch.dtype | None = None) -> Path:
+def save_checkpoint(
+    accelerator,
+    model,
+    processor,
+    out_dir,
+    step: int,
+    state: dict,
+    keep: int = 2,
+    *,
+    optimizer,
+    scheduler,
+    export_dtype: torch.dtype | None = None,
+) -> Path:
     """Save checkpoint-{step} under out_dir and delete older checkpoints beyond the newest `keep` (keep<=0: keep all).
 
     model: the trained module (DDP-wrapped, FSDP2-sharded or plain); optimizer, scheduler: its optimizer and schedule
@@ -136,8 +147,9 @@ def load_checkpoint(accelerator, ckpt_dir, *, model, optimizer, scheduler) -> di
     # A trainable parameter that never had a gradient has no Adam state in the checkpoint (nor had it in the run): it
     # is left out of what is loaded, and so stays without state, as in the uninterrupted run (strict=False below).
     saved = dcp.FileSystemReader(ckpt_dir / "state").read_metadata().state_dict_metadata
-    state["optim"]["state"] = {fqn: s for fqn, s in state["optim"]["state"].items()
-                               if all(f"optim.state.{fqn}.{k}" in saved for k in s)}
+    state["optim"]["state"] = {
+        fqn: s for fqn, s in state["optim"]["state"].items() if all(f"optim.state.{fqn}.{k}" in saved for k in s)
+    }
     dcp.load(state, checkpoint_id=ckpt_dir / "state")
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, _inner(optimizer), state["optim"], options=StateDictOptions(strict=False))
@@ -163,8 +175,12 @@ def _training_state(model, optimizer) -> dict:
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng_state(s: dict) -> None:

@@ -54,13 +54,20 @@ def image_size(path, where: str = "", field: str = "image") -> tuple[int, int]:
         with Image.open(path) as im:
             width, height = im.size
     except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-        raise DataError(f"{where or path}: field '{field}': cannot read image {path} ({type(e).__name__}: {e})") \
-            from None
+        raise DataError(
+            f"{where or path}: field '{field}': cannot read image {path} ({type(e).__name__}: {e})"
+        ) from None
     return height, width
 
 
-def load_rl_records(path: str | Path, image_dir: str | Path | None = None, processor=None, system: str = "",
-                    max_prompt_length: int = 0, max_images: int = 0) -> list[dict]:
+def load_rl_records(
+    path: str | Path,
+    image_dir: str | Path | None = None,
+    processor=None,
+    system: str = "",
+    max_prompt_length: int = 0,
+    max_images: int = 0,
+) -> list[dict]:
     """Read and validate RL/eval records. Images resolve against image_dir (default: the file's folder).
 
     Gold answers are checked once here (rewards.validate_gold), never per rollout. So are the limits a record would
@@ -100,16 +107,20 @@ def load_rl_records(path: str | Path, image_dir: str | Path | None = None, proce
             validate_gold(answer, choices)
         except ValueError as e:
             raise DataError(f"{where}: field 'answer': {e}") from None
-        records.append({"id": rid, "question": str(rec["question"]), "images": images, "answer": answer, "choices": choices})
+        records.append(
+            {"id": rid, "question": str(rec["question"]), "images": images, "answer": answer, "choices": choices}
+        )
         wheres.append(where)
     if not records:
         raise DataError(f"{path}: no records")
     if processor is not None and max_prompt_length:
         for where, n in zip(wheres, prompt_lengths(processor, system, records)):
             if n > max_prompt_length:
-                raise DataError(f"{where}: fields 'question'/'image': the prompt is {n} tokens (images included), "
-                                f"over --max_prompt_length {max_prompt_length}; raise it, lower --max_pixels, or drop "
-                                f"the record")
+                raise DataError(
+                    f"{where}: fields 'question'/'image': the prompt is {n} tokens (images included), "
+                    f"over --max_prompt_length {max_prompt_length}; raise it, lower --max_pixels, or drop "
+                    f"the record"
+                )
     return records
 
 
@@ -228,7 +239,9 @@ def load_sft_records(path: str | Path, image_dir: str | Path | None = None) -> l
 
 
 def message_images(messages: list[dict]) -> list[str]:
-    return [c["image"] for m in messages if isinstance(m["content"], list) for c in m["content"] if c.get("type") == "image"]
+    return [
+        c["image"] for m in messages if isinstance(m["content"], list) for c in m["content"] if c.get("type") == "image"
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------- tokenizing
@@ -365,7 +378,9 @@ def _add_images(batch: dict, processor, samples: list[dict], share_images: bool 
         batch["pixel_values"], batch["image_grid_thw"] = vision["pixel_values"], vision["image_grid_thw"][index]
         if len(distinct) < len(images):
             batch["image_index"] = torch.tensor(index)
-        batch["mm_token_type_ids"] = (batch["input_ids"] == tokenizer_of(processor).convert_tokens_to_ids("<|image_pad|>")).long()
+        batch["mm_token_type_ids"] = (
+            batch["input_ids"] == tokenizer_of(processor).convert_tokens_to_ids("<|image_pad|>")
+        ).long()
     return batch
 
 
@@ -465,7 +480,9 @@ def shared_batch(processor, samples: list[dict]) -> dict:
     return _add_images(batch, processor, [{"images": samples[r[0]].get("images", [])} for r in rows])
 
 
-def micro_batches(samples: list[dict], size: int, processor, device, indices: list[int] | None = None, layout: str = "padded"):
+def micro_batches(
+    samples: list[dict], size: int, processor, device, indices: list[int] | None = None, layout: str = "padded"
+):
     """(indices, batch on `device`) for consecutive chunks of `size` of samples[indices] (default: all of them, in
     order), laid out as `layout`: "padded" (collate, right-padded), "packed" (packed_batch: one row without padding,
     flash-attention only) or "shared" (shared_batch: one copy of each group's prompt; the samples of a group must be
@@ -475,7 +492,11 @@ def micro_batches(samples: list[dict], size: int, processor, device, indices: li
     for s in range(0, len(indices), size):
         idx = indices[s : s + size]
         chunk = [samples[i] for i in idx]
-        batch = shared_batch(processor, chunk) if layout == "shared" else (packed_batch if layout == "packed" else collate)(processor, chunk, share_images=True)
+        batch = (
+            shared_batch(processor, chunk)
+            if layout == "shared"
+            else (packed_batch if layout == "packed" else collate)(processor, chunk, share_images=True)
+        )
         batch.update(carried(chunk))
         yield idx, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 

@@ -50,9 +50,22 @@ class TransformersEngine:
         self.model.eval()
         try:
             for s in range(0, len(prompts), per_call):
-                rows = decode(self.model, self.processor, prompts[s : s + per_call], n, max_new_tokens,
-                              sorted(self.stop_ids), self.suppress, temperature, top_p, greedy, logprobs)
-                out += [{"ids": ids, "text": tok.decode(ids, skip_special_tokens=True), "logprobs": lp} for ids, lp in rows]
+                rows = decode(
+                    self.model,
+                    self.processor,
+                    prompts[s : s + per_call],
+                    n,
+                    max_new_tokens,
+                    sorted(self.stop_ids),
+                    self.suppress,
+                    temperature,
+                    top_p,
+                    greedy,
+                    logprobs,
+                )
+                out += [
+                    {"ids": ids, "text": tok.decode(ids, skip_special_tokens=True), "logprobs": lp} for ids, lp in rows
+                ]
         finally:
             self.model.train(was_training)
         return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
@@ -77,8 +90,19 @@ class TransformersEngine:
 
 
 # ------------------------------------------------------------------------------------------------ the decode loop
-def decode(model, processor, prompts, n, max_new_tokens, stop_ids, suppress, temperature=1.0, top_p=1.0,
-           greedy=False, logprobs=False) -> list[tuple[list[int], list[float] | None]]:
+def decode(
+    model,
+    processor,
+    prompts,
+    n,
+    max_new_tokens,
+    stop_ids,
+    suppress,
+    temperature=1.0,
+    top_p=1.0,
+    greedy=False,
+    logprobs=False,
+) -> list[tuple[list[int], list[float] | None]]:
     """n completions of each prompt, prompt-major (rows i*n .. i*n+n-1 belong to prompts[i]): [(ids, logprobs)].
 
     1. Prefill each distinct prompt once (_prefill). With nanosrpo.attention (sdpa, the default) the prompts' KV cache
@@ -156,8 +180,12 @@ def _prefill(model, processor, prompts):
     text_pos = (attn.cumsum(-1) - 1).clamp(min=0)  # generate's positions: 0 on the first real token of each row
     vl = hasattr(model.config, "vision_config")
     if vl and "image_grid_thw" in inputs:  # [4, B, T]: text positions (for the mask) + (t, h, w) M-RoPE positions
-        rope, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-                                             image_grid_thw=inputs["image_grid_thw"], attention_mask=attn)
+        rope, _ = model.model.get_rope_index(
+            inputs["input_ids"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=attn,
+        )
         pos = torch.cat([text_pos[None], rope.to(text_pos.dtype)])
     elif vl:  # no image in this batch: the three M-RoPE axes are the text position
         pos = text_pos[None].expand(4, -1, -1)

@@ -71,7 +71,9 @@ def sequence_logprobs(model, batch: dict, chunk_size: int = 1024, temperature: f
     parts = []
     for s in range(0, B * T, chunk_size):
         args = (flat_logits[s : s + chunk_size], flat_targets[s : s + chunk_size], temperature)
-        parts.append(checkpoint(grpo.token_logprobs, *args, use_reentrant=False) if use_ckpt else grpo.token_logprobs(*args))
+        parts.append(
+            checkpoint(grpo.token_logprobs, *args, use_reentrant=False) if use_ckpt else grpo.token_logprobs(*args)
+        )
     scored = torch.cat(parts).view(B, T)[:, :-1]  # [B, T - 1]: log-probs of tokens 1 .. T-1
 
     out = torch.cat([scored.new_zeros(B, 1), scored], dim=1)  # [B, T]; position 0 has no context
@@ -98,14 +100,22 @@ def _shared_prompt_logprobs(model, batch: dict, chunk_size: int, temperature: fl
     """
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
     inputs["position_ids"] = shared_position_ids(model, batch)
-    logits = model_logits(model, inputs, shared_prompt=batch["shared_prompt"],
-                          logits_to_keep=batch["logits_to_keep"])  # [rows, kept positions, V]
+    logits = model_logits(
+        model, inputs, shared_prompt=batch["shared_prompt"], logits_to_keep=batch["logits_to_keep"]
+    )  # [rows, kept positions, V]
     use_ckpt = torch.is_grad_enabled() and logits.requires_grad
     parts = []
     for s in range(0, len(batch["targets"]), chunk_size):
-        args = (logits, batch["src_row"][s : s + chunk_size], batch["src_col"][s : s + chunk_size],
-                batch["targets"][s : s + chunk_size], temperature)
-        parts.append(checkpoint(_token_logprobs_at, *args, use_reentrant=False) if use_ckpt else _token_logprobs_at(*args))
+        args = (
+            logits,
+            batch["src_row"][s : s + chunk_size],
+            batch["src_col"][s : s + chunk_size],
+            batch["targets"][s : s + chunk_size],
+            temperature,
+        )
+        parts.append(
+            checkpoint(_token_logprobs_at, *args, use_reentrant=False) if use_ckpt else _token_logprobs_at(*args)
+        )
     out = logits.new_zeros(batch["loss_mask"].shape, dtype=torch.float32)
     return out.index_put((batch["dst_b"], batch["dst_t"]), torch.cat(parts))
 
@@ -141,8 +151,9 @@ def shared_position_ids(model, batch: dict) -> torch.Tensor:
     ids = batch["input_ids"][:, :P]
     mm = batch.get("mm_token_type_ids", torch.zeros_like(batch["input_ids"]))[:, :P]
     real = (torch.arange(P, device=ids.device)[None] < batch["prompt_lens"][:, None]).long()
-    rope, delta = module.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=batch.get("image_grid_thw"),
-                                              attention_mask=real)  # [3, rows, P], [rows, 1]
+    rope, delta = module.model.get_rope_index(
+        ids, mm_token_type_ids=mm, image_grid_thw=batch.get("image_grid_thw"), attention_mask=real
+    )  # [3, rows, P], [rows, 1]
     slots = (text[:, P:] + delta.to(text.device))[None].expand(3, -1, -1)
     return torch.cat([text[None], torch.cat([rope.to(text.dtype), slots], dim=2)], dim=0)
 
@@ -163,9 +174,12 @@ def packed_position_ids(model, batch: dict) -> torch.Tensor:
     ids = torch.nn.utils.rnn.pad_sequence(batch["input_ids"][0].split(lens), batch_first=True)
     mm = batch.get("mm_token_type_ids", torch.zeros_like(batch["input_ids"]))
     mm = torch.nn.utils.rnn.pad_sequence(mm[0].split(lens), batch_first=True)
-    attention_mask = (torch.arange(ids.shape[1], device=ids.device)[None] < batch["seq_lens"][:, None].to(ids.device)).long()
-    rope, _ = module.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=batch.get("image_grid_thw"),
-                                          attention_mask=attention_mask)  # [3, B, T]
+    attention_mask = (
+        torch.arange(ids.shape[1], device=ids.device)[None] < batch["seq_lens"][:, None].to(ids.device)
+    ).long()
+    rope, _ = module.model.get_rope_index(
+        ids, mm_token_type_ids=mm, image_grid_thw=batch.get("image_grid_thw"), attention_mask=attention_mask
+    )  # [3, B, T]
     rope = rope[:, attention_mask.bool()].unsqueeze(1)  # [3, 1, N]: the valid positions, sample after sample
     return torch.cat([text.view(1, 1, -1).to(rope.device), rope], dim=0)
 

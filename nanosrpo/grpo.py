@@ -21,7 +21,9 @@ AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 
 
 # ----------------------------------------------------------------------------------------------------- advantages
-def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, normalize_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
     """Group-relative advantages: each completion is compared with the other completions of the same prompt.
 
     `rewards` is 1-D with the `group_size` completions of one prompt adjacent. Returns a tensor of the same shape.

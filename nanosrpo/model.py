@@ -53,7 +53,9 @@ def resolve(name_or_path: str) -> str:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise OSError(f"model '{name_or_path}': not a local directory and not in the HF cache (HF_HUB_OFFLINE=1).")
     try:
-        return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
+        return snapshot_download(
+            name_or_path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+        )
     except Exception as e:
         raise OSError(
             f"model '{name_or_path}': not a local directory, not in the HF cache, and downloading it failed "
@@ -208,17 +210,27 @@ def shard_policy(policy, accelerator):
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
     if not torch.distributed.is_initialized():
-        raise SystemExit("--fsdp shards over processes: launch several, e.g. on CPU ACCELERATE_USE_CPU=true accelerate "
-                         "launch --multi_gpu --num_processes 2 ..., or torchrun --nproc_per_node 2 ...")
+        raise SystemExit(
+            "--fsdp shards over processes: launch several, e.g. on CPU ACCELERATE_USE_CPU=true accelerate "
+            "launch --multi_gpu --num_processes 2 ..., or torchrun --nproc_per_node 2 ..."
+        )
     plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=sorted(policy._no_split_modules), state_dict_type="SHARDED_STATE_DICT",
-        cpu_ram_efficient_loading=True, activation_checkpointing=False,
+        fsdp_version=2,
+        reshard_after_forward=True,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=sorted(policy._no_split_modules),
+        state_dict_type="SHARDED_STATE_DICT",
+        cpu_ram_efficient_loading=True,
+        activation_checkpointing=False,
     )
     # fsdp2_prepare_model reads the plugin from accelerator.state; a CPU accelerator has none, so it gets this view
-    view = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision=accelerator.mixed_precision,
-                           device=accelerator.device, is_main_process=accelerator.is_main_process,
-                           torch_device_mesh=None)
+    view = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin),
+        mixed_precision=accelerator.mixed_precision,
+        device=accelerator.device,
+        is_main_process=accelerator.is_main_process,
+        torch_device_mesh=None,
+    )
     return fsdp2_prepare_model(view, policy)
 
 
@@ -236,7 +248,12 @@ def load_reference(path: str, accelerator, attn_implementation: str | None = Non
     from accelerate.utils import DistributedType
 
     dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
-    ref = load_policy(path, dtype=dtype, attn_implementation=attn_implementation)[0].requires_grad_(False).eval().to(accelerator.device)
+    ref = (
+        load_policy(path, dtype=dtype, attn_implementation=attn_implementation)[0]
+        .requires_grad_(False)
+        .eval()
+        .to(accelerator.device)
+    )
     if accelerator.distributed_type == DistributedType.FSDP or fsdp:
         shard_like_fsdp(ref)
     return ref
@@ -272,7 +289,9 @@ def trainer_weights(model, dtype: torch.dtype | None = None, skip_frozen: bool =
     cfg = getattr(module, "config", None)
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     tied = bool(getattr(cfg, "tie_word_embeddings", False) or getattr(text_cfg, "tie_word_embeddings", False))
-    frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad} if skip_frozen else set()
+    frozen = (
+        {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad} if skip_frozen else set()
+    )
     gathered = {}  # tied only: storage of the embedding's shard -> its full tensor, so it is gathered once
     for name, t in module.state_dict().items():
         if "rotary_emb" in name or name in frozen:  # rotary inv_freq: buffers vLLM recomputes, never weights

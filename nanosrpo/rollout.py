@@ -40,19 +40,32 @@ def collect(engine, records: list[dict], cursor: int, cfg, reward, system: str, 
         batch = [records[data.prompt_index((cursor + i) * world + rank, len(records), cfg.seed)] for i in range(quota)]
         cursor += quota
         prompts = [render(rec, system, processor, cfg.max_prompt_length) for rec in batch]
-        outs = engine.generate(prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                               logprobs=cfg.tis_cap > 0)
+        outs = engine.generate(
+            prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p, logprobs=cfg.tis_cap > 0
+        )
         for rec, prompt, completions in zip(batch, prompts, outs):
-            scores = [{**reward(c["text"], rec), **rewards.outcome(c["text"], rec["answer"], rec["choices"]),
-                       "tokens": len(c["ids"])} for c in completions]
+            scores = [
+                {
+                    **reward(c["text"], rec),
+                    **rewards.outcome(c["text"], rec["answer"], rec["choices"]),
+                    "tokens": len(c["ids"]),
+                }
+                for c in completions
+            ]
             group = {"rec": rec, "prompt": prompt, "completions": completions, "scores": scores}
             (kept if not cfg.filter_accuracy or _keep(scores, cfg) else dropped).append(group)
         full = torch.tensor([int(len(kept) >= quota)], device=accelerator.device)
         if not cfg.filter_accuracy or accelerator.gather(full).all():
             break
     groups = (kept + dropped)[:quota]
-    return {"groups": groups, "rewards": torch.tensor([s["total"] for g in groups for s in g["scores"]]),
-            "kept": len(kept), "cursor": cursor, "filtered": len(dropped), "short": max(0, quota - len(kept))}
+    return {
+        "groups": groups,
+        "rewards": torch.tensor([s["total"] for g in groups for s in g["scores"]]),
+        "kept": len(kept),
+        "cursor": cursor,
+        "filtered": len(dropped),
+        "short": max(0, quota - len(kept)),
+    }
 
 
 def training_samples(batch: dict, advantages: torch.Tensor) -> list[dict]:
@@ -64,12 +77,17 @@ def training_samples(batch: dict, advantages: torch.Tensor) -> list[dict]:
         learn = int(k < batch["kept"])  # 0: a top-up group, no token of it is learned
         prompt = g["prompt"]["ids"]
         for c in g["completions"]:
-            samples.append({
-                "input_ids": prompt + c["ids"], "loss_mask": [0] * len(prompt) + [learn] * len(c["ids"]),
-                "advantage": advantages[len(samples)].item() if learn else 0.0,
-                "images": g["prompt"]["images"], "group": k, "prompt_len": len(prompt),
-                "engine_logprobs": torch.tensor([0.0] * len(prompt) + (c["logprobs"] or [0.0] * len(c["ids"]))),
-            })
+            samples.append(
+                {
+                    "input_ids": prompt + c["ids"],
+                    "loss_mask": [0] * len(prompt) + [learn] * len(c["ids"]),
+                    "advantage": advantages[len(samples)].item() if learn else 0.0,
+                    "images": g["prompt"]["images"],
+                    "group": k,
+                    "prompt_len": len(prompt),
+                    "engine_logprobs": torch.tensor([0.0] * len(prompt) + (c["logprobs"] or [0.0] * len(c["ids"]))),
+                }
+            )
     return samples
 
 
@@ -93,8 +111,9 @@ def accuracy_score(score: dict, cfg) -> float:
 
 def _keep(scores: list[dict], cfg) -> bool:
     """The accuracy filter (grpo.keep_group) on the completions' accuracy scores."""
-    return grpo.keep_group([s["total"] for s in scores], [accuracy_score(s, cfg) for s in scores], cfg.filter_low,
-                           cfg.filter_high)
+    return grpo.keep_group(
+        [s["total"] for s in scores], [accuracy_score(s, cfg) for s in scores], cfg.filter_low, cfg.filter_high
+    )
 
 
 def loss_count(samples: list[dict], indices: list[int], aggregation: str) -> int:
@@ -112,6 +131,8 @@ def render(rec: dict, system: str, processor, max_prompt_length: int) -> dict:
     sizes), before the first step; this check stays for callers that pass records of their own."""
     prompt = data.render_prompt(rec, system, processor)
     if max_prompt_length and len(prompt["ids"]) > max_prompt_length:
-        raise DataError(f"record {rec['id']!r}: the prompt is {len(prompt['ids'])} tokens (images included), over "
-                        f"--max_prompt_length {max_prompt_length}; raise it, lower --max_pixels, or drop the record")
+        raise DataError(
+            f"record {rec['id']!r}: the prompt is {len(prompt['ids'])} tokens (images included), over "
+            f"--max_prompt_length {max_prompt_length}; raise it, lower --max_pixels, or drop the record"
+        )
     return prompt

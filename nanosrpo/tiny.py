@@ -85,6 +85,7 @@ TINY_SIZES = {
     "10m": TinySize(256, 8, 8, 4, 1024, 128, 2, 4, 256),
 }
 
+
 def build_tokenizer(texts: list[str], vocab_size: int = 512):
     """A Qwen-style byte-level BPE trained on `texts`, with Qwen's special tokens and chat template."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -92,11 +93,17 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512):
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False, special_tokens=[]
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        special_tokens=[],
     )
     tok.train_from_iterator(texts, trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
@@ -134,7 +141,10 @@ def tiny_configs(tok, size: TinySize, max_positions: int = 2048):
         tie_word_embeddings=True,
     )
     vl = Qwen2_5_VLConfig(
-        text_config={**text, "rope_parameters": {"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0}},
+        text_config={
+            **text,
+            "rope_parameters": {"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0},
+        },
         vision_config=dict(
             depth=size.vision_depth,
             hidden_size=size.vision_hidden,
@@ -164,8 +174,14 @@ def tiny_processor(tok):
     return model.image_only_processor(image_processor, tok, CHAT_TEMPLATE)
 
 
-def build_tiny(out_dir: str | Path, size: str = "1m", seed: int = 0, text_only: bool = False, vocab_size: int = 512,
-               mix: bool = False) -> dict:
+def build_tiny(
+    out_dir: str | Path,
+    size: str = "1m",
+    seed: int = 0,
+    text_only: bool = False,
+    vocab_size: int = 512,
+    mix: bool = False,
+) -> dict:
     """Build the tiny world's randomly initialised policy + tokenizer + processor and save them to out_dir.
 
     text_only=True builds the Qwen2ForCausalLM twin (same tokenizer and text dims) used for vLLM on CPU.
@@ -207,8 +223,9 @@ def world_dir(cache_dir: str, size: str, text_only: bool, mix: bool = False) -> 
     return Path(cache_dir) / (size + ("-text" if text_only else "") + ("-rehearsal" if mix else ""))
 
 
-def ensure_world(cache_dir: str, size: str = "1m", text_only: bool = False, difficulty: int = 1,
-                 mix: bool = False) -> dict[str, str]:
+def ensure_world(
+    cache_dir: str, size: str = "1m", text_only: bool = False, difficulty: int = 1, mix: bool = False
+) -> dict[str, str]:
     """Build (once) and return the paths of the tiny world. Call on one process at a time (main_process_first).
 
     mix=True: the rehearsal world instead (its own folder, tokenizer and data: N_REHEARSAL records of the mixed shapes
@@ -235,8 +252,9 @@ def ensure_world(cache_dir: str, size: str = "1m", text_only: bool = False, diff
     synthetic.write_rl_split(d, "train", n["train"], TRAIN_SEED, difficulty, text_only, mix=mix)
     synthetic.write_rl_split(d, "eval", n["eval"], EVAL_SEED, difficulty, text_only, mix=mix)
     for name, system, reflect in (("sft_base", prompts.GRPO_SYSTEM, False), ("sft_reflect", prompts.SRPO_SYSTEM, True)):
-        synthetic.write_sft_split(d, name, n["sft"], SFT_SEED, system, difficulty, reflect, text_only=text_only,
-                                  mix=mix)
+        synthetic.write_sft_split(
+            d, name, n["sft"], SFT_SEED, system, difficulty, reflect, text_only=text_only, mix=mix
+        )
     (tmp / "DONE").write_text(f"params={info['params']} seconds={time.time() - t0:.1f}\n")
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)  # atomic: a half-built world is never mistaken for a finished one
@@ -252,8 +270,9 @@ RECIPE = {
 }
 
 
-def ensure_policy(cache_dir: str, size: str = "1m", text_only: bool = False, stage: str = "reflect",
-                  reflect_data: str = "curated") -> str:
+def ensure_policy(
+    cache_dir: str, size: str = "1m", text_only: bool = False, stage: str = "reflect", reflect_data: str = "curated"
+) -> str:
     """Path of the tiny world's base (stage="base") or reflection-SFT (stage="reflect") policy, trained on first use.
 
     base    = the random init trained on data/sft_base.jsonl (one-round chains): the stand-in for a pretrained model
@@ -299,8 +318,17 @@ def ensure_policy(cache_dir: str, size: str = "1m", text_only: bool = False, sta
             print(f"curating the tiny reflection data (once, cached in {out}): {' '.join(cur[1:])}", flush=True)
             subprocess.run(cur, cwd=repo, env=env, check=True)
         sft_data = ["--data", str(out / "sft_train.jsonl")]
-    cmd = [sys.executable, str(repo / "train_sft.py"), "--stage", stage, *world, "--out_dir", str(tmp), *sft_data,
-           *RECIPE[stage]]
+    cmd = [
+        sys.executable,
+        str(repo / "train_sft.py"),
+        "--stage",
+        stage,
+        *world,
+        "--out_dir",
+        str(tmp),
+        *sft_data,
+        *RECIPE[stage],
+    ]
     print(f"building the tiny {stage} policy (once, cached in {dest}): {' '.join(cmd[1:])}", flush=True)
     subprocess.run(cmd, cwd=repo, env=env, check=True)
     ckpt = latest_checkpoint(tmp)
@@ -338,7 +366,9 @@ def resolve(cfg, policy: str = "reflect", data: str = "train", eval_data: str = 
     engine, save) sees the same files. Builds what is missing: call on one process at a time (main_process_first).
     """
     eval_value = getattr(cfg, "eval_data", None)
-    world = ensure_world(cfg.cache_dir, cfg.tiny_size, cfg.text_only) if TINY in (cfg.model, cfg.data, eval_value) else {}
+    world = (
+        ensure_world(cfg.cache_dir, cfg.tiny_size, cfg.text_only) if TINY in (cfg.model, cfg.data, eval_value) else {}
+    )
     if cfg.model != TINY:
         policy_path = model.resolve(cfg.model)
     elif policy == "init":

@@ -165,7 +165,9 @@ class VLLMEngine:
         # Frozen parameters are skipped: vLLM's layerwise reload keeps the current weights of a layer that receives
         # none (and warns once per such layer per reload, which we silence: it is what we want).
         weights = ((vllm_weight_name(name), t) for name, t in trainer_weights(model, self.dtype, skip_frozen=True))
-        with _quiet_loggers("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace"):
+        with _quiet_loggers(
+            "vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace"
+        ):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])

@@ -20,8 +20,14 @@ def _spawn(worker, *args):
 
 
 def _init(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
 
 
@@ -97,8 +103,10 @@ def _train_worker(rank, world, port, path, result_dir):
     _loss(unsharded, batch).backward()
     want_norm = float(torch.nn.utils.clip_grad_norm_(unsharded.parameters(), float("inf")))
     max_norm = want_norm / 4  # so that clipping changes the update
-    clipped = {n: (p - lr * p.grad * max_norm / want_norm).detach() if p.grad is not None else p.detach()
-               for n, p in unsharded.named_parameters()}
+    clipped = {
+        n: (p - lr * p.grad * max_norm / want_norm).detach() if p.grad is not None else p.detach()
+        for n, p in unsharded.named_parameters()
+    }
 
     stale = list(policy.parameters())  # what train_grpo.py clipped before: parameters taken before sharding
     _shard(policy)

@@ -14,7 +14,11 @@ ROW = re.compile(r"`(\w+)\.(\w+)`[^|]*\|\s*`?([\w/]+\.py):(\d+)-(\d+)`?")
 
 def _span(path: Path, name: str) -> tuple[int, int] | None:
     for node in ast.parse(path.read_text()).body:
-        names = [node.name] if hasattr(node, "name") else [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        names = (
+            [node.name]
+            if hasattr(node, "name")
+            else [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        )
         if name in names:
             return node.lineno, node.end_lineno
     return None
@@ -29,4 +33,6 @@ def test_equation_map_line_ranges_match_the_code():
         assert Path(path).stem == module, f"{module}.{name} is not in {path}"
         span = _span(REPO / path, name)
         assert span is not None, f"{path} has no top-level {name}"
-        assert span == (int(start), int(end)), f"README says {path}:{start}-{end} for {module}.{name}; it is {span[0]}-{span[1]}"
+        assert span == (int(start), int(end)), (
+            f"README says {path}:{start}-{end} for {module}.{name}; it is {span[0]}-{span[1]}"
+        )

@@ -66,14 +66,29 @@ def _groups(processor, text_only: bool, completions=(3, 2)):
     samples = []
     for g, (difficulty, idx, n) in enumerate([(1, 0, completions[0]), (3, 1, completions[1])]):
         prob = synthetic.make_problem(seed=0, difficulty=difficulty, idx=idx)
-        rec = {"question": prob.question + " please" * (2 * g), "images": [] if text_only else ["grid.png"], "choices": None}
-        text = processor.apply_chat_template(data.prompt_messages(rec, P.SRPO_SYSTEM), tokenize=False, add_generation_prompt=True)
+        rec = {
+            "question": prob.question + " please" * (2 * g),
+            "images": [] if text_only else ["grid.png"],
+            "choices": None,
+        }
+        text = processor.apply_chat_template(
+            data.prompt_messages(rec, P.SRPO_SYSTEM), tokenize=False, add_generation_prompt=True
+        )
         images = [] if text_only else [synthetic.render(prob).resize((56 * (2 + g), 56 * 2))]
         prompt = data.encode(processor, text, images)
         for j in range(n):
-            completion = tok(synthetic.one_round(prob)[: 9 + 13 * j] + "<|im_end|>", add_special_tokens=False)["input_ids"]
-            samples.append({"input_ids": prompt + completion, "loss_mask": [0] * len(prompt) + [1] * len(completion),
-                            "images": images, "group": g, "prompt_len": len(prompt)})
+            completion = tok(synthetic.one_round(prob)[: 9 + 13 * j] + "<|im_end|>", add_special_tokens=False)[
+                "input_ids"
+            ]
+            samples.append(
+                {
+                    "input_ids": prompt + completion,
+                    "loss_mask": [0] * len(prompt) + [1] * len(completion),
+                    "images": images,
+                    "group": g,
+                    "prompt_len": len(prompt),
+                }
+            )
     return samples
 
 
