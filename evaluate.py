@@ -332,9 +332,12 @@ def write_summary(out_root: Path, results: dict) -> None:
     out_root.mkdir(parents=True, exist_ok=True)
     table = {name: {k: res.get(k) for k in SUMMARY_KEYS} for name, res in results.items()}
     (out_root / "summary.json").write_text(json.dumps(table, indent=2) + "\n")
-    fmt = lambda k, v: (
-        "" if v is None else (str(v) if k == "n" else f"{v:.1f}" if k == "mean_response_tokens" else f"{100 * v:.1f}%")
-    )  # noqa: E731
+
+    def fmt(k, v):
+        if v is None:
+            return ""
+        return str(v) if k == "n" else f"{v:.1f}" if k == "mean_response_tokens" else f"{100 * v:.1f}%"
+
     lines = ["| benchmark | " + " | ".join(SUMMARY_KEYS) + " |", "|---|" + "---:|" * len(SUMMARY_KEYS)]
     lines += [f"| {name} | " + " | ".join(fmt(k, row[k]) for k in SUMMARY_KEYS) + " |" for name, row in table.items()]
     (out_root / "summary.md").write_text("\n".join(lines) + "\n")

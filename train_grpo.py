@@ -122,9 +122,7 @@ def old_and_ref_logprobs(samples, policy, ref_policy, batches, cfg, accelerator,
             s[key] = row
 
 
-def update(
-    policy, optimizer, scheduler, samples, batches, cfg, accelerator, step: int, per_update: int, on_policy: bool
-):
+def update(policy, optimizer, scheduler, samples, batches, cfg, accelerator, step, per_update, on_policy):
     """ppo_epochs passes over the step's samples, each cut into updates of per_update samples: whole groups in a random
     order (mini-batches count prompts, as verl's do). An update accumulates its micro-batches' gradients, then takes
     one AdamW step. Returns (each micro-batch's loss and stats, each update's gradient norm), in order."""
@@ -184,26 +182,13 @@ def micro_batch_loss(policy, mb: dict, cfg, normalizer: float, on_policy: bool):
 
 
 # ------------------------------------------------------------------------------------------------- step 6: the books
-def step_metrics(
-    step: int,
-    batch: dict,
-    samples: list[dict],
-    micro: list[tuple],
-    grad_norms: list[float],
-    lr: float,
-    accelerator,
-    times: dict,
-) -> dict:
+def step_metrics(step, batch, samples, micro, grad_norms, lr, accelerator, times) -> dict:
     """The step's row of metrics.jsonl: the rollouts' scores (log.rollout_metrics) and the counts summed over all
     processes, the update's loss (each update's, all its micro-batches and processes, averaged over updates), gradient
     norm, clip / cap / KL statistics (means over micro-batches), and the timings."""
     scores = [s for gs in gather_object([g["scores"] for g in batch["groups"]]) for s in gs]
-    mine = [
-        sum(loss for loss, _ in micro),
-        batch["filtered"],
-        batch["short"],
-        sum(len(s["input_ids"]) for s in samples),
-    ]
+    tokens = sum(len(s["input_ids"]) for s in samples)
+    mine = [sum(loss for loss, _ in micro), batch["filtered"], batch["short"], tokens]
     counts = accelerator.reduce(torch.tensor(mine, dtype=torch.float64, device=accelerator.device), "sum").tolist()
     stats = [s for _, s in micro]
     return {
@@ -280,9 +265,10 @@ def main(argv=None):
     if cfg.report_to:
         accelerator.init_trackers("nanosrpo", config=config.to_dict(cfg))
 
-    # Old log-probs, decided once: with one update per step and no TIS the sampling policy *is* the current one, so the
-    # loss takes old = lp.detach() (ratio 1: the plain policy gradient) and no extra forward is spent. Otherwise (several
-    # updates per step, or TIS comparing trainer and engine) they come from one no-grad pass before the first update.
+    # Old log-probs, decided once: with one update per step and no TIS the sampling policy *is* the current one, so
+    # the loss takes old = lp.detach() (ratio 1: the plain policy gradient) and no extra forward is spent. Otherwise
+    # (several updates per step, or TIS comparing trainer and engine) they come from one no-grad pass before the first
+    # update.
     on_policy = updates_per_step == 1 and cfg.tis_cap == 0
     # Micro-batch layout: with sdpa, one copy of each group's prompt (data.shared_batch, nanosrpo.attention: the same
     # log-probs for a fraction of the work); with flash-attn, padding-free rows (data.packed_batch); else padded.

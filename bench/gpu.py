@@ -136,9 +136,10 @@ def shared_flops(
     n_vision_params: int = 0,
     n_patches: int = 0,
 ) -> int:
-    """FLOPs of one training forward + backward of a shared-prompt micro-batch (the prompt once, completions behind it)."""
+    """FLOPs of one training forward + backward of a shared-prompt micro-batch (the prompt once, completions behind
+    it)."""
     tokens = prompt_len + sum(completion_lens)
-    attention = prompt_len * prompt_len + sum(l * (prompt_len + l) for l in completion_lens)
+    attention = prompt_len * prompt_len + sum(n * (prompt_len + n) for n in completion_lens)
     return 6 * n_params * tokens + 12 * n_layers * hidden * attention + 2 * n_vision_params * n_patches
 
 
@@ -189,7 +190,8 @@ def make_samples(processor, n: int, max_pixels: int, min_response: int, max_resp
 
 # ----------------------------------------------------------------------------------------------------- measuring
 def train_step(model, batch: dict) -> None:
-    """One micro-batch of the GRPO update: log-probs, the clipped loss (on-policy ratio 1, random advantages), backward."""
+    """One micro-batch of the GRPO update: log-probs, the clipped loss (on-policy ratio 1, random advantages),
+    backward."""
     from nanosrpo import forward, grpo
 
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
@@ -296,7 +298,8 @@ def measure_variants(policy, processor, groups: list[list[dict]], args, work: di
                     mfu = f"{100 * row['mfu']:.1f}%" if peak else "?"
                     print(
                         f"{attn:<18} {layout:<7} {'on' if ckpt else 'off':<5} {tokens:>7.0f} {computed:>8.0f} "
-                        f"{row['step_s']:>7.3f} {row['tokens_per_s']:>9.0f} {tflops:>8.1f} {mfu:>6} {row['peak_gib']:>9.1f}"
+                        f"{row['step_s']:>7.3f} {row['tokens_per_s']:>9.0f} {tflops:>8.1f} {mfu:>6} "
+                        f"{row['peak_gib']:>9.1f}"
                     )
                 rows.append(row)
     return rows

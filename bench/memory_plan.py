@@ -428,7 +428,7 @@ def vllm_rows(vl: dict, cfg, gpu_gib: float) -> list[tuple]:
 
 
 def print_plan(r: dict, gpu_gib: float) -> None:
-    cfg, a, p, vl = r["cfg"], r["arch"], r["params"], r["vllm"]
+    cfg, p, vl = r["cfg"], r["params"], r["vllm"]
     g = lambda x: f"{x / GiB:8.2f}"  # noqa: E731
     print(
         f"parameters: {p['total'] / 1e9:.3f}B total = {p['text'] / 1e9:.3f}B language model + {p['vision'] / 1e9:.3f}B "
@@ -448,8 +448,8 @@ def print_plan(r: dict, gpu_gib: float) -> None:
     label = "without" if cfg.gradient_checkpointing else "with"
     print(
         f"\nactivations {label} checkpointing would be {other / GiB:.2f} GiB (training total "
-        f"{(r['train'] - r['act']['peak'] + other) / GiB:.2f} GiB); of the {r['act']['peak'] / GiB:.2f} GiB, the logits "
-        f"[B, T, V] and their gradients take {(r['act']['logits'] + r['act']['loss_bwd']) / GiB:.2f} GiB"
+        f"{(r['train'] - r['act']['peak'] + other) / GiB:.2f} GiB); of the {r['act']['peak'] / GiB:.2f} GiB, the "
+        f"logits [B, T, V] and their gradients take {(r['act']['logits'] + r['act']['loss_bwd']) / GiB:.2f} GiB"
     )
     if vl:
         need_seqs = cfg.rollout_batch_size // r["gpus"] * cfg.group_size
@@ -463,13 +463,14 @@ def print_plan(r: dict, gpu_gib: float) -> None:
         free_at_start = r["gpu"] - r["rows"][0][1] - r["overhead"]
         print(
             f"vLLM start-up: needs {vl['budget'] / GiB:.1f} GiB free; the trainer then holds its fp32 shards + "
-            f"overhead, {free_at_start / GiB:.1f} GiB free -> {'ok' if free_at_start >= vl['budget'] else 'REFUSES TO START'}"
+            f"overhead, {free_at_start / GiB:.1f} GiB free -> "
+            f"{'ok' if free_at_start >= vl['budget'] else 'REFUSES TO START'}"
         )
         if cfg.vllm_sleep:
             print(
-                f"sleep level 1 frees {(vl['weights'] + vl['kv_cache'] + vl['activations']) / GiB:.1f} GiB of GPU memory "
-                f"while training and needs {vl['weights'] / GiB:.1f} GiB of pinned host RAM per rank for the weights "
-                f"({r['gpus'] * vl['weights'] / GiB:.0f} GiB on the node)"
+                f"sleep level 1 frees {(vl['weights'] + vl['kv_cache'] + vl['activations']) / GiB:.1f} GiB of GPU "
+                f"memory while training and needs {vl['weights'] / GiB:.1f} GiB of pinned host RAM per rank for the "
+                f"weights ({r['gpus'] * vl['weights'] / GiB:.0f} GiB on the node)"
             )
         print(
             f"weight sync (vLLM weights awake, KV cache not yet, one parameter gathered at a time): "
@@ -576,8 +577,8 @@ def measure_step(policy, batch: dict) -> dict:
 
 
 def check_tiny(shapes: list[tuple[int, int, bool]], vocab: int = 0, out=print) -> list[dict]:
-    """Build the tiny 10m model, measure real micro-batch steps at `shapes` (B, T, checkpointing), compare with the plan.
-    vocab > 0: the same config with a larger vocabulary (random init), to make the logits term matter."""
+    """Build the tiny 10m model, measure real micro-batch steps at `shapes` (B, T, checkpointing), compare with the
+    plan. vocab > 0: the same config with a larger vocabulary (random init), to make the logits term matter."""
     import torch
 
     torch.manual_seed(0)
@@ -678,7 +679,8 @@ def main(argv=None):
     print(
         f"model: {args.model_config or 'Qwen2.5-VL-7B-Instruct (config.json values in bench/memory_plan.py)'}; "
         f"preset: {args.preset or '(defaults)'}: micro_batch_size {cfg.micro_batch_size}, max_new_tokens "
-        f"{cfg.max_new_tokens}, gradient_checkpointing {cfg.gradient_checkpointing}, freeze_vision {cfg.freeze_vision}, "
+        f"{cfg.max_new_tokens}, gradient_checkpointing {cfg.gradient_checkpointing}, "
+        f"freeze_vision {cfg.freeze_vision}, "
         f"engine {cfg.engine} (gpu_memory_utilization {cfg.vllm_gpu_memory_utilization}, sleep {cfg.vllm_sleep}), "
         f"kl_coef {cfg.kl_coef if args.kl_coef is None else args.kl_coef}"
     )

@@ -73,7 +73,8 @@ class MiniatureConfig:
     rl_lr: float = field(
         default=5e-5,
         metadata={
-            "help": "GRPO learning rate of every RL arm (the arms were compared at 5e-5, the T 1.0 setting; the default run's 2e-5 is tuned for T 0.7)"
+            "help": "GRPO learning rate of every RL arm (the arms were compared at 5e-5, the T 1.0 setting; "
+            "the default run's 2e-5 is tuned for T 0.7)"
         },
     )
     n_samples: int = field(default=4, metadata={"help": "sampled responses per eval problem (temperature 1.0)"})

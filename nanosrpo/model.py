@@ -59,8 +59,8 @@ def resolve(name_or_path: str) -> str:
     except Exception as e:
         raise OSError(
             f"model '{name_or_path}': not a local directory, not in the HF cache, and downloading it failed "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). Download it where there is network "
-            f"(`hf download {name_or_path} --local-dir DIR`) and pass DIR instead."
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). Download it where there is "
+            f"network (`hf download {name_or_path} --local-dir DIR`) and pass DIR instead."
         ) from None
 
 
@@ -137,7 +137,8 @@ def is_multimodal(model) -> bool:
 
 
 def freeze_vision(model) -> int:
-    """Freeze the vision tower and merger (`visual.*`), as the reference runs do. Returns the number of frozen tensors."""
+    """Freeze the vision tower and merger (`visual.*`), as the reference runs do. Returns the number of frozen
+    tensors."""
     n = 0
     for name, p in model.named_parameters():
         if ".visual." in f".{name}":

@@ -28,7 +28,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def rolling_mean(values: list[float], window: int = SMOOTH) -> list[float]:
-    """Trailing mean over the last `window` values (fewer at the start): out[i] = mean(values[max(0, i-window+1):i+1])."""
+    """Trailing mean over the last `window` values (fewer at the start):
+    out[i] = mean(values[max(0, i-window+1):i+1])."""
     out, total = [], 0.0
     for i, v in enumerate(values):
         total += v

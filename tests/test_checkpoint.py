@@ -1,4 +1,5 @@
-"""Checkpoints (nanosrpo/checkpoint.py), exact --resume of train_sft.py, metrics.jsonl and run.json (nanosrpo/log.py)."""
+"""Checkpoints (nanosrpo/checkpoint.py), exact --resume of train_sft.py, metrics.jsonl and run.json
+(nanosrpo/log.py)."""
 
 import importlib.util
 import json

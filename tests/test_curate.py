@@ -82,7 +82,8 @@ def test_read_questions_three_layouts_and_bad_records(tmp_path, capsys):
                 {"from": "human", "value": "<image>\nWhat is 2+5?"},
                 {
                     "from": "gpt",
-                    "value": "<SUMMARY>s</SUMMARY><CAPTION>c</CAPTION><REASONING>r</REASONING><CONCLUSION>7</CONCLUSION>",
+                    "value": "<SUMMARY>s</SUMMARY><CAPTION>c</CAPTION><REASONING>r</REASONING>"
+                    "<CONCLUSION>7</CONCLUSION>",
                 },
             ],
         },
@@ -192,7 +193,7 @@ def test_reflect_and_build_with_the_oracle(tmp_path):
     assert again["steps"]["reflect"]["replies"] == 40 and again["files"] == summary["files"]
 
 
-# ---------------------------------------------------------------------------------------------------- fake OpenAI server
+# ------------------------------------------------------------------------------------------------ fake OpenAI server
 class FakeAPI:
     """An OpenAI-compatible /v1/chat/completions on 127.0.0.1 whose behaviour depends on the student's answer in the
     prompt (each test record's attempt answer selects a fault). It logs every request it receives."""

@@ -159,7 +159,10 @@ def test_bad_sft_records_name_file_line_and_field(tmp_path):
 
 
 def test_importing_the_package_is_light():
-    code = "import sys, nanosrpo; bad = [m for m in ('torch', 'transformers', 'vllm', 'flash_attn') if m in sys.modules]; print(bad)"
+    code = (
+        "import sys, nanosrpo; bad = [m for m in ('torch', 'transformers', 'vllm', 'flash_attn') if m in sys.modules]; "
+        "print(bad)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

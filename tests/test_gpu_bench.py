@@ -48,8 +48,8 @@ def test_peak_by_device_name():
 
 @pytest.mark.parametrize("size,params", [("7b", 8_292_166_656), ("3b", 3_754_622_976)])
 def test_configs_build_the_released_sizes(size, params):
-    """The released models' parameter counts (7B: the model card's 8.29B, bench/memory_plan.py's exact count; 3B: 3.75B),
-    built on the meta device (no memory, no weights)."""
+    """The released models' parameter counts (7B: the model card's 8.29B, bench/memory_plan.py's exact count;
+    3B: 3.75B), built on the meta device (no memory, no weights)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     with torch.device("meta"):

@@ -1,4 +1,5 @@
-"""Tests for nanosrpo.grpo: every formula against a naive per-sequence python loop, and the log-probs on the tiny VL model."""
+"""Tests for nanosrpo.grpo: every formula against a naive per-sequence python loop, and the log-probs on the tiny VL
+model."""
 
 import math
 

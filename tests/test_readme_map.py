@@ -1,7 +1,8 @@
 """The README's map from the paper's equations to the code names line ranges; this keeps them true as the code moves.
 
-A row of the map names a symbol (`rewards.f_len`, `train_grpo.main`) and the lines it spans (`nanosrpo/rewards.py:261-268`):
-the symbol must be a top-level def, class or assignment of that file, starting and ending on exactly those lines.
+A row of the map names a symbol (`rewards.f_len`, `train_grpo.main`) and the lines it spans
+(`nanosrpo/rewards.py:261-268`): the symbol must be a top-level def, class or assignment of that file, starting and
+ending on exactly those lines.
 """
 
 import ast

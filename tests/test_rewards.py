@@ -77,7 +77,9 @@ MALFORMED = {
     "reordered": "<answer>21</answer> <think>r</think>",
     "empty think": "<think> </think> <answer>21</answer>",
     "empty answer": "<think>r</think> <answer>\n</answer>",
-    "empty reflection": "<think>r</think> <answer>1</answer> <reflection> </reflection> <think>s</think> <answer>2</answer>",
+    "empty reflection": (
+        "<think>r</think> <answer>1</answer> <reflection> </reflection> <think>s</think> <answer>2</answer>"
+    ),
     "text before": "Sure! <think>r</think> <answer>21</answer>",
     "text between": "<think>r</think> so <answer>21</answer>",
     "text after": "<think>r</think> <answer>21</answer> done",

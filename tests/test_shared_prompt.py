@@ -109,7 +109,8 @@ def world(request, tmp_path_factory):
 
 
 def test_ordinary_batches_are_plain_sdpa(world):
-    """load_policy routes attention through nanosrpo.attention; without a layout it is transformers' sdpa, bit for bit."""
+    """load_policy routes attention through nanosrpo.attention; without a layout it is transformers' sdpa, bit for
+    bit."""
     policy, processor = world["policy"], world["processor"]
     assert model.shares_prompts(policy)
     batch = data.collate(processor, world["samples"])
