@@ -305,6 +305,40 @@ def measure_variants(policy, processor, groups: list[list[dict]], args, work: di
     return rows
 
 
+def load_processor(max_pixels: int):
+    """(processor, the special token ids of the model config): a real Qwen2.5-VL processor (the tiny world's tokenizer
+    + the stock image processor) with the preset's pixel bound. Only its special token ids reach the model, and
+    completions are random ids, so the big vocabulary is still the released one's."""
+    from nanosrpo import data, tiny
+    from nanosrpo import model as M
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny.build_tiny(tmp, size="0.2m")
+        processor = M.load_processor(tmp)
+    M.set_pixel_bounds(processor, max_pixels=max_pixels)
+    tok = data.tokenizer_of(processor)
+    names = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"}
+    names.update(vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
+    return processor, {k: tok.convert_tokens_to_ids(t) for k, t in names.items()}
+
+
+def useful_work(processor, groups: list[list[dict]], cfg, n_lm: int, n_vis: int) -> dict:
+    """Useful work per micro-batch, on average over the ones the steps cycle through: real tokens, and FLOPs in the
+    padded and packed layouts alike and in the shared one, which does less for the same samples (the prompt and its
+    image once). cfg: the model's text config."""
+    from nanosrpo import data
+
+    lens = [[len(s["input_ids"]) for s in g] for g in groups]
+    tokens = sum(sum(x) for x in lens) / len(groups)
+    patches = sum(int(data.collate(processor, g)["image_grid_thw"].prod(1).sum()) for g in groups) / len(groups)
+    L, head_dim = cfg.num_hidden_layers, cfg.hidden_size // cfg.num_attention_heads
+    h, P = cfg.num_attention_heads * head_dim, groups[0][0]["prompt_len"]
+    flops = sum(train_flops(n_lm, L, h, x) for x in lens) / len(groups) + 2 * n_vis * patches
+    flops_shared = sum(shared_flops(n_lm, L, h, P, [n - P for n in x]) for x in lens) / len(groups)
+    flops_shared += 2 * n_vis * patches / len(groups[0])
+    return {"tokens": tokens, "flops": flops, "flops_shared": flops_shared}
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="7b")
@@ -329,7 +363,7 @@ def main(argv=None) -> None:
 
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from nanosrpo import config, data, tiny
+    from nanosrpo import config
     from nanosrpo import model as M
 
     preset = config.parse(config.GRPOConfig, ["--preset", "qwen2.5-vl-7b"])  # the preset over GRPOConfig's defaults
@@ -337,22 +371,7 @@ def main(argv=None) -> None:
     device = torch.cuda.get_device_name()
     peak = args.peak_tflops or peak_tflops(device)
 
-    # A real Qwen2.5-VL processor (the tiny world's tokenizer + the stock image processor): only its special token
-    # ids reach the model, and completions are random ids, so the big vocabulary is still the released one's.
-    with tempfile.TemporaryDirectory() as tmp:
-        tiny.build_tiny(tmp, size="0.2m")
-        processor = M.load_processor(tmp)
-    M.set_pixel_bounds(processor, max_pixels=max_pixels)
-    tok = data.tokenizer_of(processor)
-    token_ids = {
-        k: tok.convert_tokens_to_ids(t)
-        for k, t in [
-            ("image_token_id", "<|image_pad|>"),
-            ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"),
-            ("vision_end_token_id", "<|vision_end|>"),
-        ]
-    }
+    processor, token_ids = load_processor(max_pixels)
     samples = make_samples(processor, B * args.micro_batches, max_pixels, args.min_response, max_new, seed=0)
     groups = [samples[i : i + B] for i in range(0, len(samples), B)]
 
@@ -366,7 +385,6 @@ def main(argv=None) -> None:
     )
     n_vis = sum(p.numel() for p in policy.model.visual.parameters())
     n_all = sum(p.numel() for p in policy.parameters())
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
 
     print(f"device: {device} | torch {torch.__version__} | peak bf16 {peak or '?'} TFLOP/s")
     print(
@@ -377,19 +395,8 @@ def main(argv=None) -> None:
     print(f"micro-batch: {B} sequences (preset qwen2.5-vl-7b), lengths {lens}")
     print("FLOPs = 6*N*T + 12*L*h*sum(s_i^2) + 2*N_vis*patches (real tokens only; see the docstring)\n")
 
-    # Useful work per micro-batch, on average over the ones the steps cycle through (padded and packed alike; the
-    # shared layout does less for the same samples: the prompt and its image once).
-    tokens = sum(sum(x) for x in lens) / len(groups)
-    patches = sum(int(data.collate(processor, g)["image_grid_thw"].prod(1).sum()) for g in groups) / len(groups)
-    h = cfg.num_attention_heads * head_dim
-    flops = sum(train_flops(n_lm, cfg.num_hidden_layers, h, x) for x in lens) / len(groups) + 2 * n_vis * patches
-    P = samples[0]["prompt_len"]
-    flops_shared = sum(shared_flops(n_lm, cfg.num_hidden_layers, h, P, [n - P for n in x]) for x in lens) / len(groups)
-    flops_shared += 2 * n_vis * patches / B
-
-    rows = measure_variants(
-        policy, processor, groups, args, {"tokens": tokens, "flops": flops, "flops_shared": flops_shared, "peak": peak}
-    )
+    work = useful_work(processor, groups, cfg, n_lm, n_vis)
+    rows = measure_variants(policy, processor, groups, args, {**work, "peak": peak})
     del policy
     torch.cuda.empty_cache()
 

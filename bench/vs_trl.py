@@ -352,25 +352,8 @@ def main(argv=None):
     results = {s: {"rows": [], "peak_rss": 0, "same_prompts": []} for s in sides}
     for r in range(a.rounds):
         for side in sides:  # A B A B: each side a fresh process per round, the same seed (prompts) within a round
-            result = out / f"r{r}-{side}.json"
-            log = out / f"r{r}-{side}.log"
-            shutil.rmtree(result.with_suffix(""), ignore_errors=True)  # this side's run dir: a fresh run every time
-            result.unlink(missing_ok=True)
             t0 = time.time()
-            with open(log, "w") as f:
-                rc = subprocess.run(
-                    [sys.executable, __file__, *shared, f"--seed={a.seed + r}", f"--side={side}", f"--result={result}"],
-                    stdout=f,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    cwd=REPO,
-                ).returncode
-            if rc != 0:
-                tail = "".join(open(log).readlines()[-15:])
-                raise SystemExit(
-                    f"{tail}\nbench/vs_trl.py: the {side} run (round {r}) failed with exit code {rc}; log: {log}"
-                )
-            res = json.loads(result.read_text())
+            res = run_side(a, side, r, shared, env)
             rows = res["rows"][a.warmup :]
             results[side]["rows"] += rows
             results[side]["peak_rss"] = max(results[side]["peak_rss"], res["peak_rss"])
@@ -381,7 +364,34 @@ def main(argv=None):
                 f"{statistics.median(x['step'] for x in rows):.2f} s",
                 flush=True,
             )
+    print_table(results, sides)
 
+
+def run_side(a, side: str, r: int, shared: list[str], env: dict) -> dict:
+    """One side's run of round r in a fresh subprocess (child); its result file: per-step rows, peak RSS, whether
+    TRL's prompt ids were nanosrpo's."""
+    out = Path(a.out_dir)
+    result = out / f"r{r}-{side}.json"
+    log = out / f"r{r}-{side}.log"
+    shutil.rmtree(result.with_suffix(""), ignore_errors=True)  # this side's run dir: a fresh run every time
+    result.unlink(missing_ok=True)
+    with open(log, "w") as f:
+        rc = subprocess.run(
+            [sys.executable, __file__, *shared, f"--seed={a.seed + r}", f"--side={side}", f"--result={result}"],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        ).returncode
+    if rc != 0:
+        tail = "".join(open(log).readlines()[-15:])
+        raise SystemExit(f"{tail}\nbench/vs_trl.py: the {side} run (round {r}) failed with exit code {rc}; log: {log}")
+    return json.loads(result.read_text())
+
+
+def print_table(results: dict, sides: list[str]) -> None:
+    """Per side the medians of rollout / update / step time, tokens, reward, peak RSS; then the ratios, the last line
+    `ratio nanosrpo/TRL: <x.xx>` (median step time)."""
     med = {s: _medians(results[s]) for s in sides}
     print(
         f"\n{'':34s} {'rollout s':>9s} {'update s':>9s} {'step s':>8s} {'gen tok/step':>12s} {'ms/gen tok':>10s} "
