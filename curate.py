@@ -20,9 +20,12 @@ Three steps (`--steps answer,reflect,build`), each resumable: it skips what an e
 Then <out_dir>/summary.json: counts per step, drops by reason, the mix achieved, teacher tokens and cost, the files.
 
 Input (--data): the project's RL layout {"id", "question", "image", "answer", "choices"}, LLaVA-CoT-100k's
-{"id", "image", "conversations": [{"from": "human", "value"}, {"from": "gpt", "value": "...<CONCLUSION>A</CONCLUSION>"}]}
-or Mulberry-260k's {"messages": [{"role": "user", ...}, {"role": "assistant", "content": "... The final answer is: A"}],
-"images": [...]}. A bad record (not JSON, no answer, unparseable gold, missing or unreadable image) is reported with
+    {"id", "image", "conversations": [{"from": "human", "value"},
+                                      {"from": "gpt", "value": "...<CONCLUSION>A</CONCLUSION>"}]}
+or Mulberry-260k's
+    {"messages": [{"role": "user", ...}, {"role": "assistant", "content": "... The final answer is: A"}],
+     "images": [...]}.
+A bad record (not JSON, no answer, unparseable gold, missing or unreadable image) is reported with
 its file and line, skipped and counted; with --strict it stops the run.
 """
 
@@ -51,23 +54,40 @@ def _as_rl(rec: dict, lineno: int, stem: str) -> dict:
     rid = str(rec.get("id", f"{stem}-{lineno}"))
     if "question" in rec:  # the project's RL layout
         images = rec.get("image") or []
-        return {"id": rid, "question": rec["question"], "images": [images] if isinstance(images, str) else images,
-                "answer": rec.get("answer"), "choices": rec.get("choices")}
+        return {
+            "id": rid,
+            "question": rec["question"],
+            "images": [images] if isinstance(images, str) else images,
+            "answer": rec.get("answer"),
+            "choices": rec.get("choices"),
+        }
     if "conversations" in rec:  # LLaVA-CoT-100k: the gold is the reference response's <CONCLUSION>
         turns = rec["conversations"]
         human = next((t.get("value") for t in turns if t.get("from") == "human"), None)
         gpt = next((t.get("value") for t in turns if t.get("from") == "gpt"), "") or ""
         m = _CONCLUSION.search(gpt)
         image = rec.get("image") or []
-        return {"id": rid, "question": (human or "").replace("<image>", "").strip(), "choices": None,
-                "images": [image] if isinstance(image, str) else image, "answer": m.group(1).strip() if m else None}
-    if "messages" in rec:  # Mulberry-260k (LLaMA-Factory sharegpt): the gold ends the reference with "The final answer is"
+        return {
+            "id": rid,
+            "question": (human or "").replace("<image>", "").strip(),
+            "choices": None,
+            "images": [image] if isinstance(image, str) else image,
+            "answer": m.group(1).strip() if m else None,
+        }
+    if (
+        "messages" in rec
+    ):  # Mulberry-260k (LLaMA-Factory sharegpt): the gold ends the reference with "The final answer is"
         turns = rec["messages"]
         user = next((t.get("content") for t in turns if t.get("role") == "user"), None)
         ref = next((t.get("content") for t in turns if t.get("role") == "assistant"), "") or ""
         finals = _FINAL.findall(ref)
-        return {"id": rid, "question": (user or "").replace("<image>", "").strip(), "choices": None,
-                "images": rec.get("images") or [], "answer": finals[-1].strip().rstrip(".").strip() if finals else None}
+        return {
+            "id": rid,
+            "question": (user or "").replace("<image>", "").strip(),
+            "choices": None,
+            "images": rec.get("images") or [],
+            "answer": finals[-1].strip().rstrip(".").strip() if finals else None,
+        }
     raise ValueError("no 'question', 'conversations' or 'messages' field (RL, LLaVA-CoT-100k or Mulberry-260k layout)")
 
 
@@ -170,7 +190,11 @@ def answer(cfg, records: list[dict], out: Path, policy_path: str) -> dict:
     todo = [r for r in records if r["id"] not in done]
     if todo:
         torch.manual_seed(cfg.seed + len(done))  # a resumed run does not replay the same random stream
-        policy, processor = model.load_policy(policy_path) if cfg.engine == "transformers" else (None, model.load_processor(model.resolve(policy_path)))
+        policy, processor = (
+            model.load_policy(policy_path)
+            if cfg.engine == "transformers"
+            else (None, model.load_processor(model.resolve(policy_path)))
+        )
         if policy is not None and torch.cuda.is_available():
             policy = policy.to("cuda", torch.bfloat16)
         gen = engine.make(cfg, policy, processor, model.resolve(policy_path))
@@ -179,21 +203,40 @@ def answer(cfg, records: list[dict], out: Path, policy_path: str) -> dict:
         bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="answer", unit="question")
         for s in range(0, len(todo), chunk):
             batch = todo[s : s + chunk]
-            outs = gen.generate([data.render_prompt(r, system, processor) for r in batch], n, cfg.max_new_tokens,
-                                cfg.temperature, cfg.top_p, greedy=cfg.greedy)
+            outs = gen.generate(
+                [data.render_prompt(r, system, processor) for r in batch],
+                n,
+                cfg.max_new_tokens,
+                cfg.temperature,
+                cfg.top_p,
+                greedy=cfg.greedy,
+            )
             rows = []
             for r, group in zip(batch, outs):
                 for k, o in enumerate(group):
                     what = rewards.outcome(o["text"], r["answer"], r["choices"])
-                    rows.append({"id": r["id"], "sample": k, "response": o["text"], "rounds": int(what["rounds"]),
-                                 "correct": bool(what["first_correct"]), "record": r})
+                    rows.append(
+                        {
+                            "id": r["id"],
+                            "sample": k,
+                            "response": o["text"],
+                            "rounds": int(what["rounds"]),
+                            "correct": bool(what["first_correct"]),
+                            "record": r,
+                        }
+                    )
             append_lines(path, rows)  # a question is written with all its samples, or not at all
             bar.update(len(batch))
         bar.close()
     attempts = read_lines(path)
     one = [a for a in attempts if a["rounds"] == 1]
-    return {"questions": len({a["id"] for a in attempts}), "attempts": len(attempts), "one_round": len(one),
-            "correct": sum(a["correct"] for a in one), "file": str(path)}
+    return {
+        "questions": len({a["id"] for a in attempts}),
+        "attempts": len(attempts),
+        "one_round": len(one),
+        "correct": sum(a["correct"] for a in one),
+        "file": str(path),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------- step 2
@@ -215,8 +258,9 @@ def reflect(cfg, out: Path) -> dict:
     if jobs:
         by_key = {j["key"]: j for j in jobs}
         t = teacher.make(cfg, str(out))
-        bar = tqdm(total=len(done) + len(jobs), initial=len(done), desc=f"reflect ({cfg.teacher} teacher)",
-                   unit="attempt")
+        bar = tqdm(
+            total=len(done) + len(jobs), initial=len(done), desc=f"reflect ({cfg.teacher} teacher)", unit="attempt"
+        )
         for key, reply, info in t.reflect(jobs):
             bar.update()
             if info["error"]:
@@ -224,9 +268,16 @@ def reflect(cfg, out: Path) -> dict:
                 continue
             rec = by_key[key]["record"]
             parts, reason = teacher.validate(reply, rec["answer"], rec["choices"])
-            row = {"key": key, "ok": parts is not None, "reason": reason, "reply": reply, **(parts or {}),
-                   "prompt_tokens": info["prompt_tokens"], "completion_tokens": info["completion_tokens"],
-                   "cached": info["cached"]}
+            row = {
+                "key": key,
+                "ok": parts is not None,
+                "reason": reason,
+                "reply": reply,
+                **(parts or {}),
+                "prompt_tokens": info["prompt_tokens"],
+                "completion_tokens": info["completion_tokens"],
+                "cached": info["cached"],
+            }
             append_lines(path, [row])  # one line per reply as it arrives: a kill loses only the requests in flight
         bar.close()
     rows = read_lines(path)
@@ -236,10 +287,16 @@ def reflect(cfg, out: Path) -> dict:
             dropped[r["reason"]] = dropped.get(r["reason"], 0) + 1
     for reason, n in errors.items():
         dropped[reason] = dropped.get(reason, 0) + n
-    return {"replies": len(rows), "kept": sum(r["ok"] for r in rows), "dropped": dropped,
-            "transport_errors_retried_next_run": errors, "cached_replies": sum(r["cached"] for r in rows),
-            "prompt_tokens": sum(r["prompt_tokens"] for r in rows if not r["cached"]),
-            "completion_tokens": sum(r["completion_tokens"] for r in rows if not r["cached"]), "file": str(path)}
+    return {
+        "replies": len(rows),
+        "kept": sum(r["ok"] for r in rows),
+        "dropped": dropped,
+        "transport_errors_retried_next_run": errors,
+        "cached_replies": sum(r["cached"] for r in rows),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in rows if not r["cached"]),
+        "completion_tokens": sum(r["completion_tokens"] for r in rows if not r["cached"]),
+        "file": str(path),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------- step 3
@@ -262,8 +319,10 @@ def is_val(question_id: str, fraction: float) -> bool:
 
 def two_round(attempt: str, refl: dict) -> str:
     """R1/A1 exactly as the policy wrote them, then the teacher's reflection and second round."""
-    text = (f"{attempt.strip()} <reflection>{refl['reflection']}</reflection> "
-            f"<think>{refl['think']}</think> <answer>{refl['answer']}</answer>")
+    text = (
+        f"{attempt.strip()} <reflection>{refl['reflection']}</reflection> "
+        f"<think>{refl['think']}</think> <answer>{refl['answer']}</answer>"
+    )
     assert rewards.parse_response(text).rounds == 2, text
     return text
 
@@ -272,9 +331,15 @@ def sft_records(rec: dict, key: str, response: str) -> tuple[dict, dict]:
     """The same example in both layouts train_sft.py reads: messages (image parts) and sharegpt (<image> + images)."""
     msgs = data.prompt_messages(rec, prompts.SRPO_SYSTEM) + [{"role": "assistant", "content": response}]
     user = "<image>" * len(rec["images"]) + data.question_text(rec)
-    sharegpt = {"id": key, "messages": [{"role": "system", "content": prompts.SRPO_SYSTEM},
-                                        {"role": "user", "content": user},
-                                        {"role": "assistant", "content": response}], "images": rec["images"]}
+    sharegpt = {
+        "id": key,
+        "messages": [
+            {"role": "system", "content": prompts.SRPO_SYSTEM},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": response},
+        ],
+        "images": rec["images"],
+    }
     return {"id": key, "messages": msgs}, sharegpt
 
 
@@ -305,9 +370,15 @@ def build(cfg, out: Path) -> dict:
         h.close()
         h_path = Path(h.name)
         h_path.replace(files[name])  # complete files only
-    return {"records": len(chosen), **sizes, "correct_and_refined": k, "flawed_and_revised": m,
-            "available": {"correct": len(correct), "flawed": len(flawed)},
-            "correct_fraction": round(k / max(1, k + m), 4), "files": {n: str(p) for n, p in files.items()}}
+    return {
+        "records": len(chosen),
+        **sizes,
+        "correct_and_refined": k,
+        "flawed_and_revised": m,
+        "available": {"correct": len(correct), "flawed": len(flawed)},
+        "correct_fraction": round(k / max(1, k + m), 4),
+        "files": {n: str(p) for n, p in files.items()},
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------ main
@@ -335,11 +406,16 @@ def main(argv=None):
         summary["steps"]["answer"] = {**answer(cfg, records, out, policy_path), "seconds": round(time.time() - t0, 1)}
     if "reflect" in steps:
         t0 = time.time()
-        summary["steps"]["reflect"] = {**reflect(cfg, out), "teacher": cfg.teacher, "seconds": round(time.time() - t0, 1)}
+        summary["steps"]["reflect"] = {
+            **reflect(cfg, out),
+            "teacher": cfg.teacher,
+            "seconds": round(time.time() - t0, 1),
+        }
         r = summary["steps"]["reflect"]
         summary["teacher_tokens"] = {"prompt": r["prompt_tokens"], "completion": r["completion_tokens"]}
-        summary["estimated_usd"] = round(r["prompt_tokens"] / 1e6 * cfg.usd_per_mtok_in
-                                         + r["completion_tokens"] / 1e6 * cfg.usd_per_mtok_out, 6)
+        summary["estimated_usd"] = round(
+            r["prompt_tokens"] / 1e6 * cfg.usd_per_mtok_in + r["completion_tokens"] / 1e6 * cfg.usd_per_mtok_out, 6
+        )
     if "build" in steps:
         t0 = time.time()
         b = build(cfg, out)

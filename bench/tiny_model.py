@@ -1,6 +1,6 @@
 """Figures for the README: tiny model sizes, build time, and forward+backward time of 8 sequences with one image each.
 
-    python bench/tiny_model.py
+python bench/tiny_model.py
 """
 
 import sys
@@ -27,7 +27,13 @@ def main():
             synthetic.render(prob).save(tmp / f"{i}.png")
             messages = [
                 {"role": "system", "content": prompts.GRPO_SYSTEM},
-                {"role": "user", "content": [{"type": "image", "image": str(tmp / f"{i}.png")}, {"type": "text", "text": prob.question}]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": str(tmp / f"{i}.png")},
+                        {"type": "text", "text": prob.question},
+                    ],
+                },
                 {"role": "assistant", "content": synthetic.one_round(prob)},
             ]
             samples.append(data.tokenize_chat(processor, messages))

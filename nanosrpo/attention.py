@@ -9,7 +9,7 @@ completion attend to them gives the same numbers, for a fraction of the work.
 The model stays transformers' own (its layers, RoPE, MLPs, gradient checkpointing, FSDP): only the attention call is
 swapped, through transformers' AttentionInterface, for `attention` below, which takes one of two layouts as a
 keyword argument of the forward (transformers hands unknown forward kwargs down to the attention function):
-  shared_prompt=(P, n)   training (data.shared_batch, grpo.sequence_logprobs): one row per group,
+  shared_prompt=(P, n)   training (data.shared_batch, forward.sequence_logprobs): one row per group,
                          [prompt, right-padded to P | slot 1 | ... | slot n], each slot one completion right-padded to
                          L = (T - P) / n; the forward's 4-D attention_mask [rows * n, 1, L, P + L] says which prompt
                          keys are real (a 4-D mask is passed through by transformers as it is)
@@ -37,7 +37,9 @@ def enable(model) -> None:
     model.set_attn_implementation({"text_config": NAME} if hasattr(model.config, "vision_config") else NAME)
 
 
-def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, shared_prompt=None, prefix=None, **kwargs):
+def attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, shared_prompt=None, prefix=None, **kwargs
+):
     """query [B, H, T, d], key / value [B, kvH, T', d] (RoPE applied, from the cache if any) -> ([B, T, H, d], None)."""
     if shared_prompt is not None:
         return _shared_prompt(query, key, value, attention_mask, scaling, dropout, *shared_prompt), None
@@ -60,8 +62,15 @@ def _shared_prompt(query, key, value, mask, scaling, dropout, P: int, n: int) ->
         key, value = key.repeat_interleave(H // kv_heads, 1), value.repeat_interleave(H // kv_heads, 1)
     gqa = H != key.shape[1]
     # The prompt region is right-padded, so plain causal attention keeps every real token away from the padding.
-    out_p = F.scaled_dot_product_attention(query[:, :, :P], key[:, :, :P], value[:, :, :P], is_causal=True,
-                                           scale=scaling, dropout_p=dropout, enable_gqa=gqa)
+    out_p = F.scaled_dot_product_attention(
+        query[:, :, :P],
+        key[:, :, :P],
+        value[:, :, :P],
+        is_causal=True,
+        scale=scaling,
+        dropout_p=dropout,
+        enable_gqa=gqa,
+    )
 
     def slots(x):  # [G, h, P + n*L, d] -> [G*n, h, L, d]: one row per completion
         return x[:, :, P:].unflatten(2, (n, L)).transpose(1, 2).flatten(0, 1)
@@ -70,8 +79,15 @@ def _shared_prompt(query, key, value, mask, scaling, dropout, P: int, n: int) ->
         prompt = x[:, :, :P].unsqueeze(1).expand(-1, n, -1, -1, -1).flatten(0, 1)
         return torch.cat([prompt, slots(x)], dim=2)
 
-    out_c = F.scaled_dot_product_attention(slots(query), behind_prompt(key), behind_prompt(value), attn_mask=mask,
-                                           scale=scaling, dropout_p=dropout, enable_gqa=gqa)
+    out_c = F.scaled_dot_product_attention(
+        slots(query),
+        behind_prompt(key),
+        behind_prompt(value),
+        attn_mask=mask,
+        scale=scaling,
+        dropout_p=dropout,
+        enable_gqa=gqa,
+    )
     out_c = out_c.unflatten(0, (G, n)).transpose(1, 2).flatten(2, 3)  # [G, H, n*L, d], back in row order
     return torch.cat([out_p, out_c], dim=2).transpose(1, 2).contiguous()
 

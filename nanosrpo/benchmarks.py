@@ -34,7 +34,9 @@ BENCHMARKS = ("mathvista", "mathverse", "mathvision", "mmmu_pro", "mmmu_pro_visi
 DEFAULT_SPLIT = {"mmmu_pro": "test", "mmmu_pro_vision": "test", "jsonl": "eval"}  # the others: testmini
 MMMU_PRO_FOLDERS = {"mmmu_pro": "standard (10 options)", "mmmu_pro_vision": "vision"}  # HF repo subfolders
 # MMMU-Pro vision puts question and options inside the screenshot: the text is only an instruction (ours).
-MMMU_PRO_VISION_QUESTION = "Answer the multiple-choice question shown in the image with the letter of the correct option."
+MMMU_PRO_VISION_QUESTION = (
+    "Answer the multiple-choice question shown in the image with the letter of the correct option."
+)
 
 
 # ----------------------------------------------------------------------------------------------------- reading files
@@ -53,7 +55,9 @@ def find_files(benchmark: str, path: str | Path, split: str = "") -> list[Path]:
     if benchmark in MMMU_PRO_FOLDERS and len({p.parent for p in shards}) > 1:  # the HF repo root: pick the setting
         shards = [p for p in shards if p.parent.name == MMMU_PRO_FOLDERS[benchmark]]
     if not shards:
-        raise DataError(f"{path}: found no {split}.json, {split}.jsonl or {split}-*.parquet for {benchmark} (README: Evaluation)")
+        raise DataError(
+            f"{path}: found no {split}.json, {split}.jsonl or {split}-*.parquet for {benchmark} (README: Evaluation)"
+        )
     return shards
 
 
@@ -139,9 +143,25 @@ def _mathvista(row, where, folder):
         "images": _image(image, where, "image", folder),
         "answer": str(_field(row, "answer", where)),
         "choices": choices,
-        "categories": {k: meta.get(k) if k in meta else row.get(k) for k in
-                       ("question_type", "answer_type", "language", "source", "category", "task", "context", "grade", "skills")},
-        "meta": {"question_type": qtype, "answer_type": _field(row, "answer_type", where), "precision": row.get("precision")},
+        "categories": {
+            k: meta.get(k) if k in meta else row.get(k)
+            for k in (
+                "question_type",
+                "answer_type",
+                "language",
+                "source",
+                "category",
+                "task",
+                "context",
+                "grade",
+                "skills",
+            )
+        },
+        "meta": {
+            "question_type": qtype,
+            "answer_type": _field(row, "answer_type", where),
+            "precision": row.get("precision"),
+        },
     }
 
 
@@ -155,7 +175,7 @@ def _choices_in_text(question: str) -> list[str] | None:
     if not m:
         return None
     out = []
-    for line in question[m.end():].splitlines():
+    for line in question[m.end() :].splitlines():
         if not line.strip():
             continue
         c = _CHOICE_LINE.match(line)
@@ -177,8 +197,11 @@ def _mathverse(row, where, folder):
         "images": _image(row.get("image"), where, "image", folder),  # 'Text Only' problems may have none
         "answer": str(_field(row, "answer", where)),
         "choices": _choices_in_text(question) if qtype == "multi-choice" else None,
-        "categories": {"problem_version": row.get("problem_version"), "subject": meta.get("subject"),
-                       "subfield": meta.get("subfield")},
+        "categories": {
+            "problem_version": row.get("problem_version"),
+            "subject": meta.get("subject"),
+            "subfield": meta.get("subfield"),
+        },
         "meta": {"question_type": qtype},
     }
 
@@ -257,8 +280,14 @@ def _wemath(row, where, folder):
     }
 
 
-LOADERS = {"mathvista": _mathvista, "mathverse": _mathverse, "mathvision": _mathvision, "mmmu_pro": _mmmu_pro,
-           "mmmu_pro_vision": _mmmu_pro, "wemath": _wemath}
+LOADERS = {
+    "mathvista": _mathvista,
+    "mathverse": _mathverse,
+    "mathvision": _mathvision,
+    "mmmu_pro": _mmmu_pro,
+    "mmmu_pro_vision": _mmmu_pro,
+    "wemath": _wemath,
+}
 
 
 def from_rl_record(rec: dict) -> dict:
@@ -268,8 +297,9 @@ def from_rl_record(rec: dict) -> dict:
     return {**rec, "question": question_text(rec), "categories": {}, "meta": {}}
 
 
-def load(benchmark: str, path: str | Path, split: str = "", image_dir: str | None = None,
-         images: bool = True) -> list[dict]:
+def load(
+    benchmark: str, path: str | Path, split: str = "", image_dir: str | None = None, images: bool = True
+) -> list[dict]:
     """Read a benchmark from local files (never downloads): records in the layout of this module's docstring.
     images=False (re-scoring responses): image files are neither needed nor looked for."""
     if benchmark not in BENCHMARKS:
@@ -302,8 +332,9 @@ def judge(benchmark: str, rec: dict, answer: str | None) -> tuple[bool, bool]:
     answer = stated_letter(answer or "", rec["choices"]) if benchmark in ("mathvista", "mathverse") else answer or ""
     if benchmark == "mathvista":
         m = rec["meta"]
-        pred, guessed = mathvista_normalize(answer, rec["choices"], m["question_type"], m["answer_type"],
-                                            m["precision"])
+        pred, guessed = mathvista_normalize(
+            answer, rec["choices"], m["question_type"], m["answer_type"], m["precision"]
+        )
         return pred is not None and pred == rec["answer"], guessed  # official safe_equal: exact equality
     if benchmark in ("mmmu_pro", "mmmu_pro_vision"):
         letter, guessed = mmmu_pro_parse(answer, rec["choices"], rec["id"])
@@ -399,7 +430,7 @@ def mmmu_pro_parse(response: str, options: list[str], rid: str) -> tuple[str, bo
     letters = list(LETTERS[: len(options)])
     at = response.rfind("Answer:")
     if at != -1:
-        named = [c for c in letters if c in response[at + len("Answer:"):].strip()]
+        named = [c for c in letters if c in response[at + len("Answer:") :].strip()]
         if len(named) == 1:
             return named[0], False
     for ch in ",.!?;:'":
@@ -469,10 +500,27 @@ def mathvision_clean(response: str) -> str:
 
 
 # find_math_answer's clean-ups, in its order
-_MATHVISION_CLEAN = ((" ", ""), ("\\,", ""), ("∞", "\\infty"), ("+\\infty", "\\infty"), ("\\\\", "\\"), ("\n", ""),
-                     ("\\text", ""), ("\\mbox", ""), ("bmatrix", "pmatrix"), ("\\left", ""), ("\\right", ""),
-                     ("^{\\circ}", ""), ("^\\circ", ""), ("{m}^3", ""), ("m^3", ""), ("{units}", ""), ("units", ""),
-                     ("{km}", ""), ("km", ""))
+_MATHVISION_CLEAN = (
+    (" ", ""),
+    ("\\,", ""),
+    ("∞", "\\infty"),
+    ("+\\infty", "\\infty"),
+    ("\\\\", "\\"),
+    ("\n", ""),
+    ("\\text", ""),
+    ("\\mbox", ""),
+    ("bmatrix", "pmatrix"),
+    ("\\left", ""),
+    ("\\right", ""),
+    ("^{\\circ}", ""),
+    ("^\\circ", ""),
+    ("{m}^3", ""),
+    ("m^3", ""),
+    ("{units}", ""),
+    ("units", ""),
+    ("{km}", ""),
+    ("km", ""),
+)
 
 
 def _mathvision_find_answer(s: str) -> str:
@@ -492,8 +540,19 @@ def _mathvision_find_answer(s: str) -> str:
 def _mathvision_strip(s: str) -> str:
     """utils._strip_string: the MATH dataset's answer normalisation, as MATH-Vision has it (fractions written
     a/b become \\frac{a}{b}; '0.5' becomes \\frac{1}{2}; its \\frac fix runs only when 'sqrt' is present)."""
-    for old, new in (("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"), ("\\left", ""),
-                     ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", ""), ("$", "")):
+    for old, new in (
+        ("\n", ""),
+        ("\\!", ""),
+        ("\\\\", "\\"),
+        ("tfrac", "frac"),
+        ("dfrac", "frac"),
+        ("\\left", ""),
+        ("\\right", ""),
+        ("^{\\circ}", ""),
+        ("^\\circ", ""),
+        ("\\$", ""),
+        ("$", ""),
+    ):
         s = s.replace(old, new)
     s = s.split("\\text{ ")[0].replace("\\%", "").replace(" .", " 0.").replace("{.", "{0.")
     if not s:
@@ -601,13 +660,22 @@ def latex_value(s: str):
     if "," in s:
         raise ValueError("a list has no value")
     s = re.sub(r"(\d)\s*\\frac", r"\1\\cdot\\frac", s)
-    expr = latex2sympy(s, normalization_config=NormalizationConfig(False, False, False, False, "none", False),
-                       conversion_config=ConversionConfig(False, False, False, False))
+    expr = latex2sympy(
+        s,
+        normalization_config=NormalizationConfig(False, False, False, False, "none", False),
+        conversion_config=ConversionConfig(False, False, False, False),
+    )
     return _eval_printed(ast.parse(str(expr), mode="eval").body)
 
 
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.Mod: operator.mod, ast.FloorDiv: operator.floordiv}
+_BINOPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Mod: operator.mod,
+    ast.FloorDiv: operator.floordiv,
+}
 
 
 def _eval_printed(node):

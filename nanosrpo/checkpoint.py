@@ -22,7 +22,7 @@ moments included), and it never gathers anything. Under FSDP2 each process write
 87.6 GiB through rank 0; bench/memory_plan.py counts it); under DDP, whose tensors are replicated, DCP has each
 tensor written once, by one process; a single process (no process group) writes one file.
 
-The policy export gathers one tensor at a time (engine.trainer_weights: cast to export_dtype on each shard, then
+The policy export gathers one tensor at a time (model.trainer_weights: cast to export_dtype on each shard, then
 all-gathered) and only the main process keeps the result, on the CPU: one copy of the weights in export_dtype (bf16:
 15.4 GiB at 7B), never the optimizer. export_dtype None keeps the training dtype (the tiny CPU runs: fp32, so a policy
 handed to the next stage is bit-for-bit the trained one).
@@ -48,8 +48,19 @@ _NAME = re.compile(r"checkpoint-(\d+)$")
 warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?unavailable or uninitialized")
 
 
-def save_checkpoint(accelerator, model, processor, out_dir, step: int, state: dict, keep: int = 2, *, optimizer,
-                    scheduler, export_dtype: torch.dtype | None = None) -> Path:
+def save_checkpoint(
+    accelerator,
+    model,
+    processor,
+    out_dir,
+    step: int,
+    state: dict,
+    keep: int = 2,
+    *,
+    optimizer,
+    scheduler,
+    export_dtype: torch.dtype | None = None,
+) -> Path:
     """Save checkpoint-{step} under out_dir and delete older checkpoints beyond the newest `keep` (keep<=0: keep all).
 
     model: the trained module (DDP-wrapped, FSDP2-sharded or plain); optimizer, scheduler: its optimizer and schedule
@@ -84,15 +95,14 @@ def save_checkpoint(accelerator, model, processor, out_dir, step: int, state: di
 def export_policy(accelerator, model, processor, path, dtype: torch.dtype | None = None) -> None:
     """save_pretrained of model's full weights in `dtype` (None: as trained) + processor into `path`, on the main
     process. Collective under FSDP2 (every process must call it); rank 0 holds one copy of the weights, on the CPU."""
-    from nanosrpo import engine
-    from nanosrpo.grpo import unwrap
-    from nanosrpo.model import is_sharded
+    from nanosrpo.forward import unwrap
+    from nanosrpo.model import is_sharded, trainer_weights
 
     module = unwrap(model)
     main = accelerator.is_main_process
     full = {}
     if main or is_sharded(module):  # a replicated model needs no gather: the main process has it all
-        for name, t in engine.trainer_weights(module, dtype):  # one tensor at a time, all processes
+        for name, t in trainer_weights(module, dtype):  # one tensor at a time, all processes
             if main:
                 full[name] = t.detach().cpu()
     if not main:
@@ -141,8 +151,9 @@ def load_checkpoint(accelerator, ckpt_dir, *, model, optimizer, scheduler) -> di
     # A trainable parameter that never had a gradient has no Adam state in the checkpoint (nor had it in the run): it
     # is left out of what is loaded, and so stays without state, as in the uninterrupted run (strict=False below).
     saved = dcp.FileSystemReader(ckpt_dir / "state").read_metadata().state_dict_metadata
-    state["optim"]["state"] = {fqn: s for fqn, s in state["optim"]["state"].items()
-                               if all(f"optim.state.{fqn}.{k}" in saved for k in s)}
+    state["optim"]["state"] = {
+        fqn: s for fqn, s in state["optim"]["state"].items() if all(f"optim.state.{fqn}.{k}" in saved for k in s)
+    }
     dcp.load(state, checkpoint_id=ckpt_dir / "state")
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, _inner(optimizer), state["optim"], options=StateDictOptions(strict=False))
@@ -168,8 +179,12 @@ def _training_state(model, optimizer) -> dict:
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng_state(s: dict) -> None:

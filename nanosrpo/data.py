@@ -54,13 +54,20 @@ def image_size(path, where: str = "", field: str = "image") -> tuple[int, int]:
         with Image.open(path) as im:
             width, height = im.size
     except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-        raise DataError(f"{where or path}: field '{field}': cannot read image {path} ({type(e).__name__}: {e})") \
-            from None
+        raise DataError(
+            f"{where or path}: field '{field}': cannot read image {path} ({type(e).__name__}: {e})"
+        ) from None
     return height, width
 
 
-def load_rl_records(path: str | Path, image_dir: str | Path | None = None, processor=None, system: str = "",
-                    max_prompt_length: int = 0, max_images: int = 0) -> list[dict]:
+def load_rl_records(
+    path: str | Path,
+    image_dir: str | Path | None = None,
+    processor=None,
+    system: str = "",
+    max_prompt_length: int = 0,
+    max_images: int = 0,
+) -> list[dict]:
     """Read and validate RL/eval records. Images resolve against image_dir (default: the file's folder).
 
     Gold answers are checked once here (rewards.validate_gold), never per rollout. So are the limits a record would
@@ -100,16 +107,20 @@ def load_rl_records(path: str | Path, image_dir: str | Path | None = None, proce
             validate_gold(answer, choices)
         except ValueError as e:
             raise DataError(f"{where}: field 'answer': {e}") from None
-        records.append({"id": rid, "question": str(rec["question"]), "images": images, "answer": answer, "choices": choices})
+        records.append(
+            {"id": rid, "question": str(rec["question"]), "images": images, "answer": answer, "choices": choices}
+        )
         wheres.append(where)
     if not records:
         raise DataError(f"{path}: no records")
     if processor is not None and max_prompt_length:
         for where, n in zip(wheres, prompt_lengths(processor, system, records)):
             if n > max_prompt_length:
-                raise DataError(f"{where}: fields 'question'/'image': the prompt is {n} tokens (images included), "
-                                f"over --max_prompt_length {max_prompt_length}; raise it, lower --max_pixels, or drop "
-                                f"the record")
+                raise DataError(
+                    f"{where}: fields 'question'/'image': the prompt is {n} tokens (images included), "
+                    f"over --max_prompt_length {max_prompt_length}; raise it, lower --max_pixels, or drop "
+                    f"the record"
+                )
     return records
 
 
@@ -228,12 +239,22 @@ def load_sft_records(path: str | Path, image_dir: str | Path | None = None) -> l
 
 
 def message_images(messages: list[dict]) -> list[str]:
-    return [c["image"] for m in messages if isinstance(m["content"], list) for c in m["content"] if c.get("type") == "image"]
+    return [
+        c["image"] for m in messages if isinstance(m["content"], list) for c in m["content"] if c.get("type") == "image"
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------- tokenizing
 def tokenizer_of(processor):
     return getattr(processor, "tokenizer", processor)
+
+
+def banned_ids(tokenizer) -> list[int]:
+    """Vision placeholder tokens a completion must never contain: a sampled <|image_pad|> would break the
+    image-token/feature count of the training forward. Every engine suppresses them while sampling."""
+    names = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in names]
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
 
 def encode(processor, text: str, images: list[Image.Image]) -> list[int]:
@@ -320,7 +341,7 @@ def collate(processor, samples: list[dict], pad_side: str = "right", share_image
 
     Returns input_ids, attention_mask, loss_mask (1 = a token to learn), labels (IGNORE where loss_mask is 0), and for
     images pixel_values, image_grid_thw and mm_token_type_ids (Qwen2.5-VL needs the last to build M-RoPE positions).
-    share_images: images repeated across samples are processed once (see _add_images; for grpo.sequence_logprobs).
+    share_images: images repeated across samples are processed once (see _add_images; for forward.sequence_logprobs).
     """
     tok = tokenizer_of(processor)
     width = max(len(s["input_ids"]) for s in samples)
@@ -344,8 +365,8 @@ def _add_images(batch: dict, processor, samples: list[dict], share_images: bool 
     share_images: the n completions of a GRPO group carry the same image objects (their prompt's). Each distinct
     image (by identity) is then processed once and, if some repeat, batch["image_index"] [n_images] says which
     distinct image each occurrence is: pixel_values hold the distinct images only, image_grid_thw stays one row per
-    occurrence (the M-RoPE positions and the image-token count read it), and grpo.sequence_logprobs runs the vision
-    tower once per distinct image (grpo.logits_sharing_images). Without repeats the batch is as without sharing.
+    occurrence (the M-RoPE positions and the image-token count read it), and forward.sequence_logprobs runs the vision
+    tower once per distinct image (forward.logits_sharing_images). Without repeats the batch is as without sharing.
     """
     images = [im for s in samples for im in s.get("images", [])]
     if images:
@@ -357,7 +378,9 @@ def _add_images(batch: dict, processor, samples: list[dict], share_images: bool 
         batch["pixel_values"], batch["image_grid_thw"] = vision["pixel_values"], vision["image_grid_thw"][index]
         if len(distinct) < len(images):
             batch["image_index"] = torch.tensor(index)
-        batch["mm_token_type_ids"] = (batch["input_ids"] == tokenizer_of(processor).convert_tokens_to_ids("<|image_pad|>")).long()
+        batch["mm_token_type_ids"] = (
+            batch["input_ids"] == tokenizer_of(processor).convert_tokens_to_ids("<|image_pad|>")
+        ).long()
     return batch
 
 
@@ -370,9 +393,9 @@ def packed_batch(processor, samples: list[dict], share_images: bool = False) -> 
     block-diagonal causal mask (same numbers, no saving). The images of all samples go in order, as in collate, so
     the i-th image's features land on the i-th run of <|image_pad|> tokens. labels [1, N] as in collate, and IGNORE
     on each sample's first token (in the row it would be "predicted" from the previous sample's last token).
-    seq_lens [B] says where the samples are; loss_mask stays [B, T] right-padded, because grpo.sequence_logprobs
+    seq_lens [B] says where the samples are; loss_mask stays [B, T] right-padded, because forward.sequence_logprobs
     unpacks the log-probs into that layout, so the loss code does not change. Qwen2.5-VL also needs 3-D M-RoPE
-    positions per sample; they depend on the model's config, so grpo.packed_position_ids adds them at the forward.
+    positions per sample; they depend on the model's config, so forward.packed_position_ids adds them at the forward.
     """
     lens = [len(s["input_ids"]) for s in samples]
     ids = torch.tensor([t for s in samples for t in s["input_ids"]], dtype=torch.long).unsqueeze(0)
@@ -395,12 +418,12 @@ def packed_batch(processor, samples: list[dict], share_images: bool = False) -> 
 def shared_batch(processor, samples: list[dict]) -> dict:
     """A micro-batch with one copy of each group's prompt: the layout of nanosrpo.attention's shared_prompt.
 
-    Samples are GRPO samples (rollout.collect) with "group" and "prompt_len"; consecutive samples of the same group
-    form one row [prompt, right-padded to P | slot 1 | ... | slot n], each slot one completion right-padded to L
+    Samples are GRPO samples (rollout.training_samples) with "group" and "prompt_len"; consecutive samples of the same
+    group form one row [prompt, right-padded to P | slot 1 | ... | slot n], each slot one completion right-padded to L
     (P, L: the longest prompt and completion of the micro-batch; n: the most completions in a row). Positions are the
     ones each sample has alone: the prompt counts 0, 1, ...; every slot continues from its row's prompt length.
     Returns the model inputs (input_ids [rows, T], position_ids [rows, T], attention_mask: the completions' 4-D mask,
-    images once per row), the layout shared_prompt=(P, n), the log-prob bookkeeping for grpo.sequence_logprobs
+    images once per row), the layout shared_prompt=(P, n), the log-prob bookkeeping for forward.sequence_logprobs
     (logits_to_keep: the positions whose logits predict a completion token; src_row / src_col / targets: each
     completion token's predicting position among them and its id; dst_b / dst_t: where its log-prob goes), and
     loss_mask / sample_lens in the right-padded per-sample layout of collate, so the loss code does not change.
@@ -457,18 +480,45 @@ def shared_batch(processor, samples: list[dict]) -> dict:
     return _add_images(batch, processor, [{"images": samples[r[0]].get("images", [])} for r in rows])
 
 
-def micro_batches(samples: list[dict], size: int, processor, device, indices: list[int] | None = None, layout: str = "padded"):
+def micro_batches(
+    samples: list[dict], size: int, processor, device, indices: list[int] | None = None, layout: str = "padded"
+):
     """(indices, batch on `device`) for consecutive chunks of `size` of samples[indices] (default: all of them, in
     order), laid out as `layout`: "padded" (collate, right-padded), "packed" (packed_batch: one row without padding,
     flash-attention only) or "shared" (shared_batch: one copy of each group's prompt; the samples of a group must be
-    consecutive in `indices`). The batches are for grpo.sequence_logprobs, so a group's shared prompt image is
-    processed (and encoded) once in every layout."""
+    consecutive in `indices`). The batches are for forward.sequence_logprobs, so a group's shared prompt image is
+    processed (and encoded) once in every layout. What the samples carry for the loss comes along (carried)."""
     indices = list(range(len(samples))) if indices is None else indices
     for s in range(0, len(indices), size):
         idx = indices[s : s + size]
         chunk = [samples[i] for i in idx]
-        batch = shared_batch(processor, chunk) if layout == "shared" else (packed_batch if layout == "packed" else collate)(processor, chunk, share_images=True)
+        batch = (
+            shared_batch(processor, chunk)
+            if layout == "shared"
+            else (packed_batch if layout == "packed" else collate)(processor, chunk, share_images=True)
+        )
+        batch.update(carried(chunk))
         yield idx, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def carried(samples: list[dict]) -> dict:
+    """The numbers GRPO samples carry for the loss (rollout.training_samples, train_grpo.py), batched in every layout
+    as collate's loss_mask is: "advantage" -> advantages [B]; the per-token rows "old_logprobs", "ref_logprobs" and
+    "engine_logprobs" -> right-padded [B, T] (T: the longest sample, the width of forward.sequence_logprobs' output)."""
+    out = {"advantages": torch.tensor([s["advantage"] for s in samples])} if "advantage" in samples[0] else {}
+    width = max(len(s["input_ids"]) for s in samples)
+    for key in ("old_logprobs", "ref_logprobs", "engine_logprobs"):
+        if key in samples[0]:
+            out[key] = stack_rows([s[key] for s in samples], width)
+    return out
+
+
+def stack_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Per-sample rows back into one right-padded [B, width] tensor (zeros past each row's end)."""
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
 
 
 def prompt_index(position: int, n_records: int, seed: int) -> int:

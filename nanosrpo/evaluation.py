@@ -24,6 +24,7 @@ from nanosrpo import benchmarks, data, rewards
 # -----------------------------------------------------------------------------------------------------------------
 # extraction
 
+
 def extract_answers(text) -> tuple[str | None, str | None]:
     """(first answer, final answer) of a response (module docstring); None where there is none. Each is
     rewards.extract_answer of its block, the extraction the training reward judges too."""
@@ -56,8 +57,12 @@ def score_response(benchmark: str, rec: dict, response, sample: int = 0, tokens:
 # -----------------------------------------------------------------------------------------------------------------
 # counting
 
-TRANSITIONS = {(False, True): "wrong_to_right", (True, False): "right_to_wrong", (True, True): "right_to_right",
-               (False, False): "wrong_to_wrong"}
+TRANSITIONS = {
+    (False, True): "wrong_to_right",
+    (True, False): "right_to_wrong",
+    (True, True): "right_to_right",
+    (False, False): "wrong_to_wrong",
+}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -101,19 +106,28 @@ def summarize(benchmark: str, records: list[dict], rows: list[dict]) -> dict:
                 if v is not None:
                     by_cat.setdefault(field, {}).setdefault(str(v), []).append(r)
     out["by_category"] = {
-        field: {v: {"n": len(rs), "accuracy": mean([r["final_correct"] for r in rs]),
-                    "first_accuracy": mean([r["first_correct"] for r in rs])} for v, rs in sorted(values.items())}
+        field: {
+            v: {
+                "n": len(rs),
+                "accuracy": mean([r["final_correct"] for r in rs]),
+                "first_accuracy": mean([r["first_correct"] for r in rs]),
+            }
+            for v, rs in sorted(values.items())
+        }
         for field, values in by_cat.items()
     }
     if benchmark == "wemath":  # the official metrics on sample 0, for the final and the first answer
         first_rows = [r for r in rows if r["sample"] == 0]
         out["wemath"] = benchmarks.wemath_four_dimensional(records, {r["id"]: r["final_correct"] for r in first_rows})
-        out["wemath_first"] = benchmarks.wemath_four_dimensional(records, {r["id"]: r["first_correct"] for r in first_rows})
+        out["wemath_first"] = benchmarks.wemath_four_dimensional(
+            records, {r["id"]: r["first_correct"] for r in first_rows}
+        )
     return out
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # generation, sharded over processes
+
 
 def shard(items: list, rank: int, world: int) -> list:
     """This process's share: items rank, rank + world, rank + 2 world, ..."""
@@ -139,16 +153,29 @@ def render(rec: dict, system: str | None, processor) -> dict:
     """An engine prompt for a benchmark record: data.render_prompt's chat with the record's question text (choices
     already written in, as the benchmark lays them out), images given as paths or embedded bytes, and no system
     turn at all when system is None (--prompt none: the chat template's own default)."""
-    messages = data.prompt_messages({"question": rec["question"], "choices": None,
-                                     "images": ["<image>"] * len(rec["images"])}, system or "")
-    text = processor.apply_chat_template(messages if system is not None else messages[1:], tokenize=False,
-                                         add_generation_prompt=True)
+    messages = data.prompt_messages(
+        {"question": rec["question"], "choices": None, "images": ["<image>"] * len(rec["images"])}, system or ""
+    )
+    text = processor.apply_chat_template(
+        messages if system is not None else messages[1:], tokenize=False, add_generation_prompt=True
+    )
     images = [_open_image(im) for im in rec["images"]]
     return {"text": text, "images": images, "ids": data.encode(processor, text, images)}
 
 
-def generate(engine, benchmark: str, records: list[dict], system: str | None, processor, n: int, max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 1.0, chunk: int = 64, on_chunk=None) -> list[dict]:
+def generate(
+    engine,
+    benchmark: str,
+    records: list[dict],
+    system: str | None,
+    processor,
+    n: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    chunk: int = 64,
+    on_chunk=None,
+) -> list[dict]:
     """Generate and score n responses per record (greedy when temperature is 0), `chunk` records per process at a
     time. Every process returns all rows, in record order (record-major, sample-minor); on_chunk(rows, seconds) is
     called on every process after each chunk (progress, appending to predictions.jsonl)."""
@@ -160,10 +187,22 @@ def generate(engine, benchmark: str, records: list[dict], system: str | None, pr
     for s in range(0, len(records), step):
         t0 = time.time()
         mine = shard(records[s : s + step], state.process_index, world)
-        outs = engine.generate([render(r, system, processor) for r in mine], n, max_new_tokens, temperature, top_p,
-                               greedy=temperature == 0) if mine else []
-        groups = [[score_response(benchmark, r, o["text"], i, len(o["ids"])) for i, o in enumerate(group)]
-                  for r, group in zip(mine, outs)]
+        outs = (
+            engine.generate(
+                [render(r, system, processor) for r in mine],
+                n,
+                max_new_tokens,
+                temperature,
+                top_p,
+                greedy=temperature == 0,
+            )
+            if mine
+            else []
+        )
+        groups = [
+            [score_response(benchmark, r, o["text"], i, len(o["ids"])) for i, o in enumerate(group)]
+            for r, group in zip(mine, outs)
+        ]
         if world > 1:
             from accelerate.utils import gather_object
 
@@ -175,8 +214,16 @@ def generate(engine, benchmark: str, records: list[dict], system: str | None, pr
     return out
 
 
-KEYS = ("accuracy", "first_accuracy", "format_rate", "wrong_to_right", "right_to_wrong", "right_to_right",
-        "wrong_to_wrong", "mean_response_tokens")
+KEYS = (
+    "accuracy",
+    "first_accuracy",
+    "format_rate",
+    "wrong_to_right",
+    "right_to_wrong",
+    "right_to_right",
+    "wrong_to_wrong",
+    "mean_response_tokens",
+)
 
 
 def greedy_eval(engine, records: list[dict], system: str, processor, max_new_tokens: int) -> dict:

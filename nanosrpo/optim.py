@@ -6,8 +6,6 @@ scripts call these instead of writing the lines inline.
 
 from contextlib import nullcontext
 
-import torch
-
 
 def grad_sync(accelerator, model, last: bool):
     """The context for one micro-batch's forward and backward inside an accumulated update.

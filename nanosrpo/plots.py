@@ -28,7 +28,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def rolling_mean(values: list[float], window: int = SMOOTH) -> list[float]:
-    """Trailing mean over the last `window` values (fewer at the start): out[i] = mean(values[max(0, i-window+1):i+1])."""
+    """Trailing mean over the last `window` values (fewer at the start):
+    out[i] = mean(values[max(0, i-window+1):i+1])."""
     out, total = [], 0.0
     for i, v in enumerate(values):
         total += v
@@ -88,7 +89,9 @@ def plot_run(out_dir: str | Path) -> Path | None:
     return out
 
 
-def plot_comparison(arms: dict[str, list[Path]], panels: list[tuple[str, str]], out_path: Path, title: str = "") -> Path | None:
+def plot_comparison(
+    arms: dict[str, list[Path]], panels: list[tuple[str, str]], out_path: Path, title: str = ""
+) -> Path | None:
     """One panel per (title, metric key); one curve per arm: the metric averaged over the arm's runs (seeds) step by
     step, drawn as `_draw` does. arms: label -> run directories (each with a metrics.jsonl)."""
     plt = _pyplot()
@@ -103,8 +106,14 @@ def plot_comparison(arms: dict[str, list[Path]], panels: list[tuple[str, str]], 
                     per_step.setdefault(s, []).append(v)
             if per_step:
                 steps = sorted(per_step)
-                _draw(ax, steps, [sum(per_step[s]) / len(per_step[s]) for s in steps], label, color=f"C{i}",
-                      points=key.startswith("eval"))
+                _draw(
+                    ax,
+                    steps,
+                    [sum(per_step[s]) / len(per_step[s]) for s in steps],
+                    label,
+                    color=f"C{i}",
+                    points=key.startswith("eval"),
+                )
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel("step")
     axes[0][0].legend(fontsize=7)

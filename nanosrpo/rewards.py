@@ -61,14 +61,14 @@ def parse_response(text: str, released: bool = False) -> Parsed:
         closing, name = m.group(1) == "/", m.group(2)
         if open_tag is None:
             # outside any block: only whitespace may precede, and only an opening tag is allowed
-            if closing or (text[pos:m.start()].strip() and not (released and pos == 0)):
+            if closing or (text[pos : m.start()].strip() and not (released and pos == 0)):
                 return MALFORMED
             open_tag = m
         else:
             # inside a block: the next tag must close it (anything else is nesting)
             if not closing or name != open_tag.group(2):
                 return MALFORMED
-            content = text[open_tag.end():m.start()]
+            content = text[open_tag.end() : m.start()]
             if not (content if released else content.strip()):
                 return MALFORMED
             names.append(name)
@@ -94,7 +94,7 @@ def lenient_blocks(text: str, name: str) -> list[str]:
         if start is None and not m.group(1):
             start = m.end()
         elif start is not None and m.group(1):
-            blocks.append(text[start:m.start()])
+            blocks.append(text[start : m.start()])
             start = None
     return blocks
 
@@ -109,8 +109,19 @@ MAX_ANSWER_CHARS = 1000
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # Wrappers peeled off a whole answer, outermost first: "$\boxed{B}$", "**B**", "\text{B}".
-_WRAPPERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**"), ("\\boxed{", "}"),
-             ("\\fbox{", "}"), ("\\text{", "}"), ("\\textbf{", "}"), ("\\mathrm{", "}"), ("\\mathbf{", "}"))
+_WRAPPERS = (
+    ("$$", "$$"),
+    ("$", "$"),
+    ("\\(", "\\)"),
+    ("\\[", "\\]"),
+    ("**", "**"),
+    ("\\boxed{", "}"),
+    ("\\fbox{", "}"),
+    ("\\text{", "}"),
+    ("\\textbf{", "}"),
+    ("\\mathrm{", "}"),
+    ("\\mathbf{", "}"),
+)
 
 
 def _matching_braces(text: str) -> dict[int, int]:
@@ -140,8 +151,11 @@ def _peel(s: str) -> str | None:
         if len(s) < len(head) + len(tail) or not (s.startswith(head) and s.endswith(tail)):
             continue
         inner = s[len(head) : len(s) - len(tail)]
-        whole = (_matching_braces(s).get(len(head) - 1) == len(s) - 1 if tail == "}"
-                 else head not in inner and tail not in inner)
+        whole = (
+            _matching_braces(s).get(len(head) - 1) == len(s) - 1
+            if tail == "}"
+            else head not in inner and tail not in inner
+        )
         if whole:
             return inner.strip()
     return None
@@ -164,14 +178,19 @@ def extract_answer(block: str) -> str:
 
 # The sentence around an answer, read as plain text: "\text{cm}" -> "cm", "30^\circ" -> "30°", "\$3" -> "$3",
 # no "$" delimiters, no markdown bold.
-_PLAIN = ((re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}"), r"\1"),
-          (re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ\b|\\degree\b"), "°"),
-          (re.compile(r"(?<!\\)\$|\*\*"), ""),
-          (re.compile(r"\\([$%])"), r"\1"),
-          (re.compile(r"\\[,;:! ]|~"), " "))
+_PLAIN = (
+    (re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}"), r"\1"),
+    (re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ\b|\\degree\b"), "°"),
+    (re.compile(r"(?<!\\)\$|\*\*"), ""),
+    (re.compile(r"\\([$%])"), r"\1"),
+    (re.compile(r"\\[,;:! ]|~"), " "),
+)
 # A lead-in naming the answer: "Answer:", "The correct option is", "So the final answer is".
-_LEAD_IN = re.compile(r"^(?:(?:so|thus|therefore|hence)\b,?\s*)?(?:the\s+)?(?:final\s+|correct\s+|right\s+)?"
-                      r"(?:answer|option|choice)\b\s*(?:is\b)?\s*[:=]?\s*", re.I)
+_LEAD_IN = re.compile(
+    r"^(?:(?:so|thus|therefore|hence)\b,?\s*)?(?:the\s+)?(?:final\s+|correct\s+|right\s+)?"
+    r"(?:answer|option|choice)\b\s*(?:is\b)?\s*[:=]?\s*",
+    re.I,
+)
 
 
 def _plain(s: str) -> str:
@@ -200,7 +219,8 @@ _NUMBER_ANSWER = re.compile(
     r"[^\d\\^_{}]*?[\s=:≈])?\s*"  # the lead-in: "The perimeter is", "x ="
     r"(?P<sign>[-−]?)\s*(?:\$|£|€)?\s*"
     r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
-    r"(?:\s*(?:°[CF]?|%)|" + _UNITS + _SQUARED + r"(?![A-Za-z])|\s+[A-Za-z][A-Za-z./ ]*" + _SQUARED + ")?")
+    r"(?:\s*(?:°[CF]?|%)|" + _UNITS + _SQUARED + r"(?![A-Za-z])|\s+[A-Za-z][A-Za-z./ ]*" + _SQUARED + ")?"
+)
 
 
 def _number_text(core: str) -> str | None:
@@ -219,7 +239,8 @@ _LETTER_IN_SENTENCE = re.compile(
     r"|\b(?i:option|choice)\s*\(?([A-Za-z])\)?(?!\w)"
     r"|\b(?i:option|choice)\s+is\s*:?\s*\(?([A-Z])\)?(?!\w)"
     r"|\b(?i:answer)\s*(?:is\b)?\s*[:=]?\s*\(?([A-Z])\)?(?=\s*[.,;:!)]|\s*$)"
-    r"|\b(?:is|be)\s+\(?([A-Z])\)?(?=\s*[.!]?\s*$)")
+    r"|\b(?:is|be)\s+\(?([A-Z])\)?(?=\s*[.!]?\s*$)"
+)
 _HEDGE = re.compile(r"(?<![\w\\])\(?[A-Z]\)?\s*(?:,|/|\bor\b|\band\b)\s*\(?[A-Z]\)?(?!\w)")  # "B or C", "A, B"
 _PROSE = re.compile(r"[\\^_{}=]")  # an answer with LaTeX or an equation in it is not prose
 
@@ -251,8 +272,11 @@ def _named_option(s: str, options: tuple) -> str | None:
     if exact or _PROSE.search(s):
         return exact[0] if exact else None
     # inside a prose sentence, as whole words; one-character texts ("a") only if they are digits
-    named = [(c, t) for c, t in options if t and (len(t) > 1 or t.isdigit())
-             and re.search(r"(?<![\w.\-−])" + re.escape(t) + r"(?!\w|\.\d)", n)]
+    named = [
+        (c, t)
+        for c, t in options
+        if t and (len(t) > 1 or t.isdigit()) and re.search(r"(?<![\w.\-−])" + re.escape(t) + r"(?!\w|\.\d)", n)
+    ]
     named = {c for c, t in named if not any(t != u and t in u for _, u in named)}  # "isosceles right" over "right"
     return named.pop() if len(named) == 1 else AMBIGUOUS if named else None
 
@@ -413,9 +437,16 @@ def _scores(fmt=0.0, acc=0.0, ref=0.0, eff=0.0, length=0.0) -> dict[str, float]:
     return dict(zip(KEYS, [sum(parts)] + parts))
 
 
-def srpo_reward(response: str, answer, count_tokens=count_words, variant: str = "paper",
-                alpha: float = 0.1, choices=None, use_effectiveness: bool = True,
-                use_length: bool = True) -> dict[str, float]:
+def srpo_reward(
+    response: str,
+    answer,
+    count_tokens=count_words,
+    variant: str = "paper",
+    alpha: float = 0.1,
+    choices=None,
+    use_effectiveness: bool = True,
+    use_length: bool = True,
+) -> dict[str, float]:
     """Score one rollout against the gold `answer`. Returns the KEYS, total = sum of the rest."""
     if variant not in ("paper", "code", "grpo"):
         raise ValueError(f"unknown reward variant {variant!r}")
@@ -459,8 +490,11 @@ def _released_correct(block: str, gold_parsed: list) -> bool:
     if len(block) > MAX_ANSWER_CHARS:
         return False
     try:
-        pred = parse(f"<answer>{block}</answer>", parsing_timeout=_timeout(), extraction_config=[
-            StringExtractionConfig(), LatexExtractionConfig(), ExprExtractionConfig()])
+        pred = parse(
+            f"<answer>{block}</answer>",
+            parsing_timeout=_timeout(),
+            extraction_config=[StringExtractionConfig(), LatexExtractionConfig(), ExprExtractionConfig()],
+        )
         return bool(verify(pred, gold_parsed, timeout_seconds=_timeout()))
     except (Exception, TimeoutException):  # released: an exception leaves the accuracy at 0
         return False
@@ -480,8 +514,12 @@ def _released_letter_fallback(block: str, gold_parsed: list) -> bool:
     the block contains that letter anywhere and none of the other three anywhere: "B" and "(B) 40" pass, "Answer: B"
     fails (the "a" of "answer"), so does "Choice B" (the "c")."""
     text = f"<answer>{block}</answer>".replace("</answer>", "").replace("<answer>", "").strip().lower()
-    return any(str(g).lower() in _RELEASED_ABCD and str(g).lower() in text
-               and not any(o in text for o in _RELEASED_ABCD if o != str(g).lower()) for g in gold_parsed)
+    return any(
+        str(g).lower() in _RELEASED_ABCD
+        and str(g).lower() in text
+        and not any(o in text for o in _RELEASED_ABCD if o != str(g).lower())
+        for g in gold_parsed
+    )
 
 
 def _code_reward(response, answer, count_tokens, alpha) -> dict[str, float]:

@@ -1,17 +1,17 @@
 """One GRPO step's rollouts: draw prompts, sample a group of completions for each, score them, filter the groups by
-accuracy (dynamic sampling), and turn the batch into group advantages and training samples. What `collect` returns is
-everything the policy update needs.
+accuracy (dynamic sampling); then, given the group advantages, the samples the update trains on.
 
 The shapes that flow from here into the update, built here and nowhere else:
   group  = {"rec": an RL record (data.load_rl_records), "prompt": its engine prompt (data.render_prompt),
             "completions": group_size engine completions {"ids", "text", "logprobs"},
             "scores": per completion, the reward breakdown (rewards.KEYS) + rewards.outcome + {"tokens": length}}
   sample = {"input_ids": prompt ids + completion ids, "loss_mask": 0 on the prompt, 1 on the completion (0 on all of a
-            top-up group's: see collect),
-            "images": the prompt's images, "engine_lp": the engine's log-prob of each token (0 on the prompt),
+            top-up group's: see collect), "advantage": its group advantage (0 for a top-up group),
+            "images": the prompt's images, "engine_logprobs": the engine's log-prob of each token (0 on the prompt),
             "group": its group's number, "prompt_len": the prompt's length (data.shared_batch lays a group out
             with one copy of its prompt)}
-Samples are ordered group by group, so sample i belongs to group i // group_size and has advantage advantages[i].
+Samples are ordered group by group, so sample i belongs to group i // group_size. data.micro_batches carries a
+sample's advantage and log-prob rows into its micro-batch (data.carried).
 """
 
 import torch
@@ -28,9 +28,10 @@ def collect(engine, records: list[dict], cursor: int, cfg, reward, system: str, 
     until every process has a full batch, at most cfg.max_draws times; a process still short tops up with filtered-out
     groups (every process must run the same number of forward and backward passes), and reports how many as "short"
     so the caller can warn. A top-up group is there only to keep the processes in step: its advantages are zero and
-    its loss_mask is 0 everywhere, so it adds nothing to the loss (policy gradient or KL) nor to the loss's
-    denominator (loss_count): the update is the kept groups' alone, as if the batch had been full of them.
-    Returns {"groups", "samples", "advantages" [N], "cursor" (the next prompt position), "filtered", "short"}.
+    its loss_mask is 0 everywhere (training_samples), so it adds nothing to the loss (policy gradient or KL) nor to
+    the loss's denominator (loss_count): the update is the kept groups' alone, as if the batch had been full of them.
+    Returns {"groups", "rewards" [N] (each completion's total reward, group by group), "kept" (the groups that passed,
+    first in "groups"), "cursor" (the next prompt position), "filtered", "short"}.
     """
     rank, world = accelerator.process_index, accelerator.num_processes
     quota = cfg.rollout_batch_size // world
@@ -39,30 +40,55 @@ def collect(engine, records: list[dict], cursor: int, cfg, reward, system: str, 
         batch = [records[data.prompt_index((cursor + i) * world + rank, len(records), cfg.seed)] for i in range(quota)]
         cursor += quota
         prompts = [render(rec, system, processor, cfg.max_prompt_length) for rec in batch]
-        outs = engine.generate(prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                               logprobs=cfg.tis_cap > 0)
+        outs = engine.generate(
+            prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p, logprobs=cfg.tis_cap > 0
+        )
         for rec, prompt, completions in zip(batch, prompts, outs):
-            scores = [{**reward(c["text"], rec), **rewards.outcome(c["text"], rec["answer"], rec["choices"]),
-                       "tokens": len(c["ids"])} for c in completions]
+            scores = [
+                {
+                    **reward(c["text"], rec),
+                    **rewards.outcome(c["text"], rec["answer"], rec["choices"]),
+                    "tokens": len(c["ids"]),
+                }
+                for c in completions
+            ]
             group = {"rec": rec, "prompt": prompt, "completions": completions, "scores": scores}
             (kept if not cfg.filter_accuracy or _keep(scores, cfg) else dropped).append(group)
         full = torch.tensor([int(len(kept) >= quota)], device=accelerator.device)
         if not cfg.filter_accuracy or accelerator.gather(full).all():
             break
     groups = (kept + dropped)[:quota]
-    advantages = grpo.group_advantages(torch.tensor([s["total"] for g in groups for s in g["scores"]]),
-                                       cfg.group_size, normalize_std=cfg.normalize_std)
-    advantages[len(kept) * cfg.group_size :] = 0.0  # filtered groups that only top up a short batch teach nothing
-    learn = [int(k < len(kept)) for k in range(len(groups))]  # 0: a top-up group, no token of it is learned
-    samples = [
-        {"input_ids": g["prompt"]["ids"] + c["ids"],
-         "loss_mask": [0] * len(g["prompt"]["ids"]) + [learn[k]] * len(c["ids"]),
-         "images": g["prompt"]["images"], "group": k, "prompt_len": len(g["prompt"]["ids"]),
-         "engine_lp": torch.tensor([0.0] * len(g["prompt"]["ids"]) + (c["logprobs"] or [0.0] * len(c["ids"])))}
-        for k, g in enumerate(groups) for c in g["completions"]
-    ]
-    return {"groups": groups, "samples": samples, "advantages": advantages, "cursor": cursor,
-            "filtered": len(dropped), "short": max(0, quota - len(kept))}
+    return {
+        "groups": groups,
+        "rewards": torch.tensor([s["total"] for g in groups for s in g["scores"]]),
+        "kept": len(kept),
+        "cursor": cursor,
+        "filtered": len(dropped),
+        "short": max(0, quota - len(kept)),
+    }
+
+
+def training_samples(batch: dict, advantages: torch.Tensor) -> list[dict]:
+    """collect's groups as the update's samples (the module docstring's `sample`), one per completion, group by group,
+    each with its advantage. A top-up group (collect) is there only to keep the processes in step: its loss_mask is 0
+    and its advantage 0, so it teaches nothing."""
+    samples = []
+    for k, g in enumerate(batch["groups"]):
+        learn = int(k < batch["kept"])  # 0: a top-up group, no token of it is learned
+        prompt = g["prompt"]["ids"]
+        for c in g["completions"]:
+            samples.append(
+                {
+                    "input_ids": prompt + c["ids"],
+                    "loss_mask": [0] * len(prompt) + [learn] * len(c["ids"]),
+                    "advantage": advantages[len(samples)].item() if learn else 0.0,
+                    "images": g["prompt"]["images"],
+                    "group": k,
+                    "prompt_len": len(prompt),
+                    "engine_logprobs": torch.tensor([0.0] * len(prompt) + (c["logprobs"] or [0.0] * len(c["ids"]))),
+                }
+            )
+    return samples
 
 
 def accuracy_score(score: dict, cfg) -> float:
@@ -85,8 +111,9 @@ def accuracy_score(score: dict, cfg) -> float:
 
 def _keep(scores: list[dict], cfg) -> bool:
     """The accuracy filter (grpo.keep_group) on the completions' accuracy scores."""
-    return grpo.keep_group([s["total"] for s in scores], [accuracy_score(s, cfg) for s in scores], cfg.filter_low,
-                           cfg.filter_high)
+    return grpo.keep_group(
+        [s["total"] for s in scores], [accuracy_score(s, cfg) for s in scores], cfg.filter_low, cfg.filter_high
+    )
 
 
 def loss_count(samples: list[dict], indices: list[int], aggregation: str) -> int:
@@ -104,6 +131,8 @@ def render(rec: dict, system: str, processor, max_prompt_length: int) -> dict:
     sizes), before the first step; this check stays for callers that pass records of their own."""
     prompt = data.render_prompt(rec, system, processor)
     if max_prompt_length and len(prompt["ids"]) > max_prompt_length:
-        raise DataError(f"record {rec['id']!r}: the prompt is {len(prompt['ids'])} tokens (images included), over "
-                        f"--max_prompt_length {max_prompt_length}; raise it, lower --max_pixels, or drop the record")
+        raise DataError(
+            f"record {rec['id']!r}: the prompt is {len(prompt['ids'])} tokens (images included), over "
+            f"--max_prompt_length {max_prompt_length}; raise it, lower --max_pixels, or drop the record"
+        )
     return prompt

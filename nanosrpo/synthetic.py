@@ -272,8 +272,9 @@ def _problems(seed: int, difficulty: int, n: int, mix: bool) -> list[Problem]:
     return [(make_mixed_problem if mix else make_problem)(seed, difficulty, i) for i in range(n)]
 
 
-def write_rl_split(out_dir: Path, name: str, n: int, seed: int, difficulty: int = 1, text_only: bool = False,
-                   mix: bool = False) -> Path:
+def write_rl_split(
+    out_dir: Path, name: str, n: int, seed: int, difficulty: int = 1, text_only: bool = False, mix: bool = False
+) -> Path:
     """Write `n` RL/eval records {"id", "question", "image", "answer"} to out_dir/name.jsonl (+ PNGs in images/).
 
     mix=True: the rehearsal's shapes (make_mixed_problem): "image" a list for two images, absent for text-only

@@ -73,8 +73,18 @@ def chat_messages(job: dict) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------------------- OpenAI
 class OpenAITeacher:
-    def __init__(self, url: str, model: str, api_key_env: str, cache_dir: str, concurrency: int = 8,
-                 max_retries: int = 5, timeout: float = 120.0, max_tokens: int = 1024, temperature: float = 0.0):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        api_key_env: str,
+        cache_dir: str,
+        concurrency: int = 8,
+        max_retries: int = 5,
+        timeout: float = 120.0,
+        max_tokens: int = 1024,
+        temperature: float = 0.0,
+    ):
         try:
             import openai
         except ImportError:
@@ -83,7 +93,9 @@ class OpenAITeacher:
             raise SystemExit("--teacher openai needs --teacher_model (the model name the endpoint serves)")
         key = os.environ.get(api_key_env)
         if not key:  # the variable's name is printed, never its value
-            raise SystemExit(f"--teacher openai: the environment variable {api_key_env} (--teacher_api_key_env) is not set")
+            raise SystemExit(
+                f"--teacher openai: the environment variable {api_key_env} (--teacher_api_key_env) is not set"
+            )
         self.openai = openai
         # The client retries 408/409/429/5xx and timeouts max_retries times with exponential backoff, and waits as long
         # as a Retry-After header says (up to a minute); `timeout` bounds each attempt.
@@ -93,8 +105,12 @@ class OpenAITeacher:
         self.cache = Path(cache_dir)
 
     def request(self, job: dict) -> dict:
-        return {"model": self.model, "messages": chat_messages(job), "max_tokens": self.max_tokens,
-                "temperature": self.temperature}
+        return {
+            "model": self.model,
+            "messages": chat_messages(job),
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
 
     def cache_path(self, body: dict) -> Path:
         """The reply's file: a hash of everything that decides it (endpoint, model, messages incl. images, options)."""
@@ -106,8 +122,12 @@ class OpenAITeacher:
         path = self.cache_path(body)
         if path.exists():
             hit = json.loads(path.read_text())
-            return hit["text"], {"prompt_tokens": hit["prompt_tokens"], "completion_tokens": hit["completion_tokens"],
-                                 "cached": True, "error": None}
+            return hit["text"], {
+                "prompt_tokens": hit["prompt_tokens"],
+                "completion_tokens": hit["completion_tokens"],
+                "cached": True,
+                "error": None,
+            }
         try:
             resp = self.client.chat.completions.create(**body)
         except self.openai.APITimeoutError:
@@ -118,13 +138,20 @@ class OpenAITeacher:
             return None, _failed("connection_error")
         text = (resp.choices[0].message.content or "") if resp.choices else ""
         usage = resp.usage
-        info = {"prompt_tokens": getattr(usage, "prompt_tokens", 0) or 0,
-                "completion_tokens": getattr(usage, "completion_tokens", 0) or 0, "cached": False, "error": None}
+        info = {
+            "prompt_tokens": getattr(usage, "prompt_tokens", 0) or 0,
+            "completion_tokens": getattr(usage, "completion_tokens", 0) or 0,
+            "cached": False,
+            "error": None,
+        }
         # Paid for: keep it before anything else can go wrong (write + rename, so a kill never leaves half a file).
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}.{id(job)}")
-        tmp.write_text(json.dumps({"text": text, "prompt_tokens": info["prompt_tokens"],
-                                   "completion_tokens": info["completion_tokens"]}))
+        tmp.write_text(
+            json.dumps(
+                {"text": text, "prompt_tokens": info["prompt_tokens"], "completion_tokens": info["completion_tokens"]}
+            )
+        )
         os.replace(tmp, path)
         return text, info
 
@@ -169,12 +196,24 @@ class LocalTeacher:
         for s in range(0, len(jobs), self.batch_size):
             chunk = jobs[s : s + self.batch_size]
             # the teacher's instruction goes in as the "question" of an RL record, with the question's images
-            prompts_ = [data.render_prompt({"question": teacher_text(j), "images": j["record"]["images"], "choices": None},
-                                           prompts.TEACHER_SYSTEM, self.processor) for j in chunk]
-            outs = self.gen.generate(prompts_, 1, self.max_tokens, self.temperature or 1.0, 1.0,
-                                     greedy=self.temperature == 0)
+            prompts_ = [
+                data.render_prompt(
+                    {"question": teacher_text(j), "images": j["record"]["images"], "choices": None},
+                    prompts.TEACHER_SYSTEM,
+                    self.processor,
+                )
+                for j in chunk
+            ]
+            outs = self.gen.generate(
+                prompts_, 1, self.max_tokens, self.temperature or 1.0, 1.0, greedy=self.temperature == 0
+            )
             for job, p, o in zip(chunk, prompts_, outs):
-                info = {"prompt_tokens": len(p["ids"]), "completion_tokens": len(o[0]["ids"]), "cached": False, "error": None}
+                info = {
+                    "prompt_tokens": len(p["ids"]),
+                    "completion_tokens": len(o[0]["ids"]),
+                    "cached": False,
+                    "error": None,
+                }
                 yield job["key"], o[0]["text"], info
 
 
@@ -199,9 +238,17 @@ def make(cfg, out_dir: str):
     if cfg.teacher == "oracle":
         return OracleTeacher()
     if cfg.teacher == "openai":
-        return OpenAITeacher(cfg.teacher_url, cfg.teacher_model, cfg.teacher_api_key_env,
-                             cfg.teacher_cache or str(Path(out_dir) / "teacher_cache"), cfg.teacher_concurrency,
-                             cfg.teacher_max_retries, cfg.teacher_timeout, cfg.teacher_max_tokens, cfg.teacher_temperature)
+        return OpenAITeacher(
+            cfg.teacher_url,
+            cfg.teacher_model,
+            cfg.teacher_api_key_env,
+            cfg.teacher_cache or str(Path(out_dir) / "teacher_cache"),
+            cfg.teacher_concurrency,
+            cfg.teacher_max_retries,
+            cfg.teacher_timeout,
+            cfg.teacher_max_tokens,
+            cfg.teacher_temperature,
+        )
     if cfg.teacher == "local":
         from nanosrpo import engine, model
 

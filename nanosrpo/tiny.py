@@ -44,7 +44,8 @@ SPECIAL_TOKENS = [  # Qwen2's special tokens, in Qwen's order; ids follow the ba
 # Qwen2-VL's chat template (same rendering as the released one for text and image turns).
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for content in message['content'] %}"
@@ -85,6 +86,7 @@ TINY_SIZES = {
     "10m": TinySize(256, 8, 8, 4, 1024, 128, 2, 4, 256),
 }
 
+
 def build_tokenizer(texts: list[str], vocab_size: int = 512):
     """A Qwen-style byte-level BPE trained on `texts`, with Qwen's special tokens and chat template."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -92,11 +94,17 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512):
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False, special_tokens=[]
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        special_tokens=[],
     )
     tok.train_from_iterator(texts, trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
@@ -134,7 +142,10 @@ def tiny_configs(tok, size: TinySize, max_positions: int = 2048):
         tie_word_embeddings=True,
     )
     vl = Qwen2_5_VLConfig(
-        text_config={**text, "rope_parameters": {"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0}},
+        text_config={
+            **text,
+            "rope_parameters": {"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0},
+        },
         vision_config=dict(
             depth=size.vision_depth,
             hidden_size=size.vision_hidden,
@@ -164,8 +175,14 @@ def tiny_processor(tok):
     return model.image_only_processor(image_processor, tok, CHAT_TEMPLATE)
 
 
-def build_tiny(out_dir: str | Path, size: str = "1m", seed: int = 0, text_only: bool = False, vocab_size: int = 512,
-               mix: bool = False) -> dict:
+def build_tiny(
+    out_dir: str | Path,
+    size: str = "1m",
+    seed: int = 0,
+    text_only: bool = False,
+    vocab_size: int = 512,
+    mix: bool = False,
+) -> dict:
     """Build the tiny world's randomly initialised policy + tokenizer + processor and save them to out_dir.
 
     text_only=True builds the Qwen2ForCausalLM twin (same tokenizer and text dims) used for vLLM on CPU.
@@ -207,8 +224,9 @@ def world_dir(cache_dir: str, size: str, text_only: bool, mix: bool = False) -> 
     return Path(cache_dir) / (size + ("-text" if text_only else "") + ("-rehearsal" if mix else ""))
 
 
-def ensure_world(cache_dir: str, size: str = "1m", text_only: bool = False, difficulty: int = 1,
-                 mix: bool = False) -> dict[str, str]:
+def ensure_world(
+    cache_dir: str, size: str = "1m", text_only: bool = False, difficulty: int = 1, mix: bool = False
+) -> dict[str, str]:
     """Build (once) and return the paths of the tiny world. Call on one process at a time (main_process_first).
 
     mix=True: the rehearsal world instead (its own folder, tokenizer and data: N_REHEARSAL records of the mixed shapes
@@ -226,8 +244,10 @@ def ensure_world(cache_dir: str, size: str = "1m", text_only: bool = False, diff
     if (root / "DONE").exists():
         return paths
     t0 = time.time()
-    print(f"building the tiny world once (a random {size} model, its questions and SFT data), cached in {root}",
-          flush=True)
+    print(
+        f"building the tiny world once (a random {size} model, its questions and SFT data), cached in {root}",
+        flush=True,
+    )
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     info = build_tiny(tmp / "init", size=size, text_only=text_only, mix=mix)
@@ -237,8 +257,9 @@ def ensure_world(cache_dir: str, size: str = "1m", text_only: bool = False, diff
     synthetic.write_rl_split(d, "train", n["train"], TRAIN_SEED, difficulty, text_only, mix=mix)
     synthetic.write_rl_split(d, "eval", n["eval"], EVAL_SEED, difficulty, text_only, mix=mix)
     for name, system, reflect in (("sft_base", prompts.GRPO_SYSTEM, False), ("sft_reflect", prompts.SRPO_SYSTEM, True)):
-        synthetic.write_sft_split(d, name, n["sft"], SFT_SEED, system, difficulty, reflect, text_only=text_only,
-                                  mix=mix)
+        synthetic.write_sft_split(
+            d, name, n["sft"], SFT_SEED, system, difficulty, reflect, text_only=text_only, mix=mix
+        )
     (tmp / "DONE").write_text(f"params={info['params']} seconds={time.time() - t0:.1f}\n")
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)  # atomic: a half-built world is never mistaken for a finished one
@@ -254,8 +275,9 @@ RECIPE = {
 }
 
 
-def ensure_policy(cache_dir: str, size: str = "1m", text_only: bool = False, stage: str = "reflect",
-                  reflect_data: str = "curated") -> str:
+def ensure_policy(
+    cache_dir: str, size: str = "1m", text_only: bool = False, stage: str = "reflect", reflect_data: str = "curated"
+) -> str:
     """Path of the tiny world's base (stage="base") or reflection-SFT (stage="reflect") policy, trained on first use.
 
     base    = the random init trained on data/sft_base.jsonl (one-round chains): the stand-in for a pretrained model
@@ -270,7 +292,6 @@ def ensure_policy(cache_dir: str, size: str = "1m", text_only: bool = False, sta
     <world>/base and <world>/reflect[-curated] (save_pretrained dirs; the runs' metrics.jsonl and run.json stay in
     <world>/<name>-run). Delete those to rebuild. Call on one process at a time (accelerator.main_process_first()).
     """
-    import os
     import subprocess
     import sys
 
@@ -292,27 +313,36 @@ def ensure_policy(cache_dir: str, size: str = "1m", text_only: bool = False, sta
     repo = Path(__file__).resolve().parent.parent
     run_dir, tmp = root / f"{dest.name}-run", root / f"{dest.name}-run.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    # Why a child process and not train_sft.main(): accelerate keeps one state per process (device, process group,
-    # mixed precision), so a script already running under `accelerate launch` / torchrun cannot start a fresh
-    # single-process training run inside itself. The child gets a clean one: without the launcher's variables it does
-    # not try to join our process group. (The OMP_NUM_THREADS=1 they export does not starve it: a single CPU process
-    # takes every core, see model.use_cpu_cores.)
-    launcher = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
+    env = _child_env()
     world = ["--cache_dir", cache_dir, "--tiny_size", size, "--text_only", str(text_only)]
     sft_data = []
     if curated:  # SRPO stage 1 for real: the base answers, the oracle reflects (curate.py; resumable, so a killed
         out = root / "curate"  # build picks up where it stopped)
         if not (out / "sft_train.jsonl").exists():
             cur = [sys.executable, str(repo / "curate.py"), *world, "--out_dir", str(out)]
-            print(f"curating the tiny reflection data once (curate.py: the base answers, the oracle reflects), "
-                  f"cached in {out}", flush=True)
+            print(
+                f"curating the tiny reflection data once (curate.py: the base answers, the oracle reflects), "
+                f"cached in {out}",
+                flush=True,
+            )
             subprocess.run(cur, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)  # its summary is in out/
         sft_data = ["--data", str(out / "sft_train.jsonl")]
-    cmd = [sys.executable, str(repo / "train_sft.py"), "--stage", stage, *world, "--out_dir", str(tmp), *sft_data,
-           *RECIPE[stage]]
-    print(f"building the tiny {stage} policy once (train_sft.py --stage {stage} {' '.join(RECIPE[stage])}"
-          f"{' on the curated data' if curated else ''}), cached in {dest}", flush=True)
+    cmd = [
+        sys.executable,
+        str(repo / "train_sft.py"),
+        "--stage",
+        stage,
+        *world,
+        "--out_dir",
+        str(tmp),
+        *sft_data,
+        *RECIPE[stage],
+    ]
+    print(
+        f"building the tiny {stage} policy once (train_sft.py --stage {stage} {' '.join(RECIPE[stage])}"
+        f"{' on the curated data' if curated else ''}), cached in {dest}",
+        flush=True,
+    )
     subprocess.run(cmd, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)  # the bars are on stderr
     ckpt = latest_checkpoint(tmp)
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -321,6 +351,22 @@ def ensure_policy(cache_dir: str, size: str = "1m", text_only: bool = False, sta
     for done in run_dir.glob("checkpoint-*"):  # optimizer states etc.: nobody resumes a finished tiny run
         shutil.rmtree(done, ignore_errors=True)
     return str(dest)
+
+
+def _child_env() -> dict:
+    """This process's environment without a launcher's variables, for ensure_policy's child runs.
+
+    Why a child process and not train_sft.main(): accelerate keeps one state per process (device, process group,
+    mixed precision), so a script already running under `accelerate launch` / torchrun cannot start a fresh
+    single-process training run inside itself. The child gets a clean one: without the launcher's variables it does
+    not try to join our process group. (The OMP_NUM_THREADS=1 they export does not starve it: a single CPU process
+    takes every core, see model.use_cpu_cores.)
+    """
+    import os
+
+    launcher = set("RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK ROLE_RANK MASTER_ADDR MASTER_PORT".split())
+    prefixes = ("ACCELERATE_", "TORCHELASTIC_")
+    return {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith(prefixes)}
 
 
 # ----------------------------------------------------------------------------------------------------- for the scripts
@@ -333,7 +379,9 @@ def resolve(cfg, policy: str = "reflect", data: str = "train", eval_data: str = 
     engine, save) sees the same files. Builds what is missing: call on one process at a time (main_process_first).
     """
     eval_value = getattr(cfg, "eval_data", None)
-    world = ensure_world(cfg.cache_dir, cfg.tiny_size, cfg.text_only) if TINY in (cfg.model, cfg.data, eval_value) else {}
+    world = (
+        ensure_world(cfg.cache_dir, cfg.tiny_size, cfg.text_only) if TINY in (cfg.model, cfg.data, eval_value) else {}
+    )
     if cfg.model != TINY:
         policy_path = model.resolve(cfg.model)
     elif policy == "init":

@@ -22,4 +22,6 @@ def tiny_dir(tmp_path_factory):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end runs (minutes on a 2-core CPU); CI runs them, -m 'not slow' skips")
+    config.addinivalue_line(
+        "markers", "slow: end-to-end runs (minutes on a 2-core CPU); CI runs them, -m 'not slow' skips"
+    )

@@ -107,19 +107,22 @@ def test_table_is_large_and_mixed():
     assert 10 <= sum(not w for *_, w in ANSWERS) <= len(ANSWERS) - 10
 
 
-@pytest.mark.parametrize("block, want", [
-    ("The answer is $\\boxed{B}$.", "B"),
-    ("$\\boxed{\\frac{1}{2}}$", "\\frac{1}{2}"),
-    ("first \\boxed{1}, then \\boxed{2}", "2"),  # the last one
-    ("\\boxed{\\text{B}}", "B"),
-    ("**12**", "12"),
-    ("$$x$$", "x"),
-    ("\\(x+1\\)", "x+1"),
-    ("$a$ and $b$", "$a$ and $b$"),  # two formulas, not one wrapper
-    ("\\text{a} + \\text{b}", "\\text{a} + \\text{b}"),
-    ("\\boxed{unclosed", "\\boxed{unclosed"),
-    ("  ", ""),
-])
+@pytest.mark.parametrize(
+    "block, want",
+    [
+        ("The answer is $\\boxed{B}$.", "B"),
+        ("$\\boxed{\\frac{1}{2}}$", "\\frac{1}{2}"),
+        ("first \\boxed{1}, then \\boxed{2}", "2"),  # the last one
+        ("\\boxed{\\text{B}}", "B"),
+        ("**12**", "12"),
+        ("$$x$$", "x"),
+        ("\\(x+1\\)", "x+1"),
+        ("$a$ and $b$", "$a$ and $b$"),  # two formulas, not one wrapper
+        ("\\text{a} + \\text{b}", "\\text{a} + \\text{b}"),
+        ("\\boxed{unclosed", "\\boxed{unclosed"),
+        ("  ", ""),
+    ],
+)
 def test_extract_answer(block, want):
     assert rewards.extract_answer(block) == want
     assert rewards.extract_answer(want) == want  # extracting twice changes nothing

@@ -1,4 +1,5 @@
-"""Checkpoints (nanosrpo/checkpoint.py), exact --resume of train_sft.py, metrics.jsonl and run.json (nanosrpo/log.py)."""
+"""Checkpoints (nanosrpo/checkpoint.py), exact --resume of train_sft.py, metrics.jsonl and run.json
+(nanosrpo/log.py)."""
 
 import importlib.util
 import json
@@ -29,8 +30,17 @@ def test_save_load_and_stale_tmp(tiny_dir, tmp_path):
 
     out = tmp_path / "run"
     for step in (1, 2, 3):
-        ckpt = checkpoint.save_checkpoint(accelerator, policy, processor, out, step, {"micro_batch": 7 * step}, keep=2,
-                                          optimizer=optimizer, scheduler=scheduler)
+        ckpt = checkpoint.save_checkpoint(
+            accelerator,
+            policy,
+            processor,
+            out,
+            step,
+            {"micro_batch": 7 * step},
+            keep=2,
+            optimizer=optimizer,
+            scheduler=scheduler,
+        )
     assert ckpt == out / "checkpoint-3"
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-3"]  # keep=2 pruned checkpoint-1
     assert not list(out.glob("*.tmp"))
@@ -62,8 +72,26 @@ def test_resume_continues_exactly(tiny_dir, tmp_path):
     """Train 6 steps with a checkpoint at 3; drop the final checkpoint, resume: steps 4-6 are redone identically."""
     sft = synthetic.write_sft_split(tmp_path / "data", "sft", 12, seed=7, system=prompts.SRPO_SYSTEM, reflection=True)
     out = tmp_path / "run"
-    args = ["--model", str(tiny_dir), "--data", str(sft), "--out_dir", str(out), "--max_steps", "6", "--batch_size", "2",
-            "--grad_accum", "2", "--lr", "3e-3", "--save_every", "3", "--keep_checkpoints", "0"]
+    args = [
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(sft),
+        "--out_dir",
+        str(out),
+        "--max_steps",
+        "6",
+        "--batch_size",
+        "2",
+        "--grad_accum",
+        "2",
+        "--lr",
+        "3e-3",
+        "--save_every",
+        "3",
+        "--keep_checkpoints",
+        "0",
+    ]
     train_sft.main(args)  # 6 steps = 24 records: the plan wraps into a second epoch
     first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     shutil.move(out / "checkpoint-6", tmp_path / "uninterrupted-6")
@@ -119,7 +147,13 @@ def test_ensure_policy_builds_both_stages_single_process(tmp_path, monkeypatch):
     """tiny.ensure_policy trains base then reflect in a child process, even when called from a distributed launch."""
     from nanosrpo import tiny
 
-    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+    for k, v in {
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "1",
+    }.items():
         monkeypatch.setenv(k, v)  # a child that joined this "process group" would hang or fail
     path = tiny.ensure_policy(str(tmp_path), size="0.2m", stage="reflect")
     root = tiny.world_dir(str(tmp_path), "0.2m", False)
@@ -130,7 +164,9 @@ def test_ensure_policy_builds_both_stages_single_process(tmp_path, monkeypatch):
     run = json.loads((root / "reflect-curated-run" / "run.json").read_text())
     assert run["config"]["data"] == str(root / "curate" / "sft_train.jsonl")  # trained on the curated records
     for stage in ("base", "reflect-curated"):
-        assert (root / f"{stage}-run" / "metrics.jsonl").exists() and not list((root / f"{stage}-run").glob("checkpoint-*"))
+        assert (root / f"{stage}-run" / "metrics.jsonl").exists() and not list(
+            (root / f"{stage}-run").glob("checkpoint-*")
+        )
         model.load_policy(str(root / stage))
     assert not list(root.glob("*.tmp"))
     assert tiny.ensure_policy(str(tmp_path), size="0.2m", stage="reflect") == path  # cached
@@ -170,16 +206,19 @@ def test_bf16_policy_export_loads_in_transformers_and_vllm(tmp_path):
 def vllm_greedy_equals_hf(policy_dir: str) -> None:
     """vLLM serving the exported policy gives the greedy tokens of the transformers model loaded from it (run in a
     child process by the test above)."""
-    from nanosrpo import engine
+    from nanosrpo import vllm_engine
     from tests.test_vllm_engine import _hf_greedy
 
     exported, tok = model.load_policy(policy_dir)  # fp32, from the bf16 file
     questions = [synthetic.text_question(synthetic.make_problem(0, 1, i)) for i in range(3)]
-    texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-             for q in questions]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in questions
+    ]
     prompts = [{"text": t, "images": [], "ids": tok(t, add_special_tokens=False)["input_ids"]} for t in texts]
-    vllm = engine.VLLMEngine(policy_dir, tok, max_model_len=256, gpu_memory_utilization=0.05, seed=0,
-                             dtype="float32")
+    vllm = vllm_engine.VLLMEngine(
+        policy_dir, tok, max_model_len=256, gpu_memory_utilization=0.05, seed=0, dtype="float32"
+    )
     got = [g[0]["ids"] for g in vllm.generate(prompts, n=1, max_new_tokens=16, greedy=True)]
     want = _hf_greedy(exported, [p["ids"] for p in prompts], vllm.stop_ids, tok.pad_token_id, 16, vllm.banned)
     assert got == want

@@ -29,23 +29,45 @@ def test_mistyped_flag(script):
 def test_missing_data_file(script, tiny_dir, tmp_path):
     missing = tmp_path / "nope.jsonl"
     no_eval = ["--eval_data", ""] if script == "train_grpo.py" else []
-    code, lines = run(script, "--model", str(tiny_dir), "--data", str(missing), *no_eval, "--out_dir", str(tmp_path / "out"))
+    code, lines = run(
+        script, "--model", str(tiny_dir), "--data", str(missing), *no_eval, "--out_dir", str(tmp_path / "out")
+    )
     assert code == 2 and not any("Traceback" in line for line in lines)
     assert lines[-1] == f"error: {missing}: data file not found"
 
 
 def test_bad_record_names_file_line_and_field(tiny_dir, tmp_path):
     bad = tmp_path / "rl.jsonl"
-    bad.write_text(json.dumps({"id": "a", "question": "q", "answer": "1"}) + "\n" + json.dumps({"id": "b", "question": "q"}) + "\n")
-    code, lines = run("train_grpo.py", "--model", str(tiny_dir), "--data", str(bad), "--eval_data", "",
-                      "--out_dir", str(tmp_path / "out"))
+    bad.write_text(
+        json.dumps({"id": "a", "question": "q", "answer": "1"}) + "\n" + json.dumps({"id": "b", "question": "q"}) + "\n"
+    )
+    code, lines = run(
+        "train_grpo.py",
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(bad),
+        "--eval_data",
+        "",
+        "--out_dir",
+        str(tmp_path / "out"),
+    )
     assert code == 2 and not any("Traceback" in line for line in lines)
     assert lines[-1] == f"error: {bad}:2: field 'answer' is missing or empty"
 
 
 def test_missing_model_directory(tmp_path):
-    code, lines = run("train_grpo.py", "--model", str(tmp_path / "no-model"), "--data", "x.jsonl", "--eval_data", "",
-                      "--out_dir", str(tmp_path / "out"))
+    code, lines = run(
+        "train_grpo.py",
+        "--model",
+        str(tmp_path / "no-model"),
+        "--data",
+        "x.jsonl",
+        "--eval_data",
+        "",
+        "--out_dir",
+        str(tmp_path / "out"),
+    )
     assert code == 2 and not any("Traceback" in line for line in lines)
     assert lines[-1] == f"error: model '{tmp_path / 'no-model'}': no such directory"
 
@@ -67,30 +89,49 @@ def test_defaults_and_presets_pass(cls, preset):
     config.parse(cls, preset)
 
 
-@pytest.mark.parametrize("cls, argv, line", [
-    (config.GRPOConfig, ["--group_size", "0"], "--group_size must be at least 1, got 0"),
-    (config.GRPOConfig, ["--micro_batch_size", "-2"], "--micro_batch_size must be at least 1, got -2"),
-    (config.GRPOConfig, ["--filter_high", "1.5"], "--filter_high must be in [0, 1], got 1.5"),
-    (config.GRPOConfig, ["--filter_low", "0.9", "--filter_high", "0.1"],
-     "--filter_low 0.9 is above --filter_high 0.1: no group could pass"),
-    (config.GRPOConfig, ["--temperature", "0"],
-     "--temperature must be above 0 (rollouts are sampled and scored at it), got 0"),
-    (config.GRPOConfig, ["--min_pixels", "1000", "--max_pixels", "10"], "--min_pixels 1000 is above --max_pixels 10"),
-    (config.GRPOConfig, ["--lr", "nan"], "--lr must be a finite number, got nan"),
-    (config.GRPOConfig, ["--adam_beta2", "1"], "--adam_beta2 must be in [0, 1), got 1"),
-    (config.GRPOConfig, ["--eval_size", "0"], "--eval_size must be at least 1, got 0"),
-    (config.GRPOConfig, ["--preset", "qwen2.5-vl-7b", "--top_p", "0"], "--top_p must be in (0, 1], got 0"),
-    (config.GRPOConfig, ["--group_size", "two"], "argument --group_size: invalid int value: 'two'; see --help"),
-    (config.SFTConfig, ["--grad_accum", "0"], "--grad_accum must be at least 1, got 0"),
-    (config.SFTConfig, ["--warmup_ratio", "2"], "--warmup_ratio must be in [0, 1], got 2"),
-    (config.SFTConfig, ["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
-    (config.CurateConfig, ["--samples_per_question", "0"], "--samples_per_question must be at least 1, got 0"),
-    (config.CurateConfig, ["--temperature", "0"],
-     "--temperature must be above 0 for sampled attempts (or pass --greedy true), got 0"),
-    (config.EvalConfig, ["--n_samples", "0"], "--n_samples must be at least 1, got 0"),
-    (config.EvalConfig, ["--n_samples", "4"],
-     "--n_samples > 1 needs --temperature > 0 (greedy decoding gives the same response every time)"),
-])
+@pytest.mark.parametrize(
+    "cls, argv, line",
+    [
+        (config.GRPOConfig, ["--group_size", "0"], "--group_size must be at least 1, got 0"),
+        (config.GRPOConfig, ["--micro_batch_size", "-2"], "--micro_batch_size must be at least 1, got -2"),
+        (config.GRPOConfig, ["--filter_high", "1.5"], "--filter_high must be in [0, 1], got 1.5"),
+        (
+            config.GRPOConfig,
+            ["--filter_low", "0.9", "--filter_high", "0.1"],
+            "--filter_low 0.9 is above --filter_high 0.1: no group could pass",
+        ),
+        (
+            config.GRPOConfig,
+            ["--temperature", "0"],
+            "--temperature must be above 0 (rollouts are sampled and scored at it), got 0",
+        ),
+        (
+            config.GRPOConfig,
+            ["--min_pixels", "1000", "--max_pixels", "10"],
+            "--min_pixels 1000 is above --max_pixels 10",
+        ),
+        (config.GRPOConfig, ["--lr", "nan"], "--lr must be a finite number, got nan"),
+        (config.GRPOConfig, ["--adam_beta2", "1"], "--adam_beta2 must be in [0, 1), got 1"),
+        (config.GRPOConfig, ["--eval_size", "0"], "--eval_size must be at least 1, got 0"),
+        (config.GRPOConfig, ["--preset", "qwen2.5-vl-7b", "--top_p", "0"], "--top_p must be in (0, 1], got 0"),
+        (config.GRPOConfig, ["--group_size", "two"], "argument --group_size: invalid int value: 'two'; see --help"),
+        (config.SFTConfig, ["--grad_accum", "0"], "--grad_accum must be at least 1, got 0"),
+        (config.SFTConfig, ["--warmup_ratio", "2"], "--warmup_ratio must be in [0, 1], got 2"),
+        (config.SFTConfig, ["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+        (config.CurateConfig, ["--samples_per_question", "0"], "--samples_per_question must be at least 1, got 0"),
+        (
+            config.CurateConfig,
+            ["--temperature", "0"],
+            "--temperature must be above 0 for sampled attempts (or pass --greedy true), got 0",
+        ),
+        (config.EvalConfig, ["--n_samples", "0"], "--n_samples must be at least 1, got 0"),
+        (
+            config.EvalConfig,
+            ["--n_samples", "4"],
+            "--n_samples > 1 needs --temperature > 0 (greedy decoding gives the same response every time)",
+        ),
+    ],
+)
 def test_nonsense_values_are_refused_in_one_line(cls, argv, line):
     with pytest.raises(SystemExit) as e:
         config.parse(cls, argv)
@@ -105,8 +146,10 @@ def test_zero_group_size_ends_in_one_line():
 # --------------------------------------------------------------------------------------------- one run per out_dir
 def hold(out_dir):
     """A child process that claims out_dir, as a running script does, and keeps it until killed."""
-    code = f"import time; from nanosrpo import log; log.lock_out_dir({str(out_dir)!r}); print('held', flush=True); " \
-           "time.sleep(600)"
+    code = (
+        f"import time; from nanosrpo import log; log.lock_out_dir({str(out_dir)!r}); print('held', flush=True); "
+        "time.sleep(600)"
+    )
     p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
     return p

@@ -32,7 +32,10 @@ def test_mix_counts_hits_the_fraction_with_the_scarce_side_used_up():
 
 def test_validate_names_the_reason():
     ok = "<reflection>row 2 was off.</reflection> <think>row 1: 1, total 1.</think> <answer>3</answer>"
-    assert teacher.validate(ok, "3") == ({"reflection": "row 2 was off.", "think": "row 1: 1, total 1.", "answer": "3"}, None)
+    assert teacher.validate(ok, "3") == (
+        {"reflection": "row 2 was off.", "think": "row 1: 1, total 1.", "answer": "3"},
+        None,
+    )
     assert teacher.validate("", "3") == (None, "empty_reply")
     assert teacher.validate("<think>a</think> <answer>3</answer>", "3") == (None, "no_reflection")
     assert teacher.validate("Sure! " + ok, "3") == (None, "malformed_reply")  # text around the blocks
@@ -72,12 +75,26 @@ def test_read_questions_three_layouts_and_bad_records(tmp_path, capsys):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     lines = [
         {"id": "rl-1", "question": "How many?", "image": "a.png", "answer": "3"},
-        {"id": "cot-1", "image": "a.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is 2+5?"},
-            {"from": "gpt", "value": "<SUMMARY>s</SUMMARY><CAPTION>c</CAPTION><REASONING>r</REASONING><CONCLUSION>7</CONCLUSION>"}]},
-        {"id": "mul-1", "images": ["a.png"], "messages": [
-            {"role": "user", "content": "<image>Which option? A. 1 B. 2"},
-            {"role": "assistant", "content": "### Image Description: ...\n### The final answer is: B"}]},
+        {
+            "id": "cot-1",
+            "image": "a.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is 2+5?"},
+                {
+                    "from": "gpt",
+                    "value": "<SUMMARY>s</SUMMARY><CAPTION>c</CAPTION><REASONING>r</REASONING>"
+                    "<CONCLUSION>7</CONCLUSION>",
+                },
+            ],
+        },
+        {
+            "id": "mul-1",
+            "images": ["a.png"],
+            "messages": [
+                {"role": "user", "content": "<image>Which option? A. 1 B. 2"},
+                {"role": "assistant", "content": "### Image Description: ...\n### The final answer is: B"},
+            ],
+        },
         "not json at all",
         {"id": "rl-2", "question": "How many?", "image": "a.png"},  # no answer
         {"id": "rl-3", "question": "How many?", "image": "missing.png", "answer": "1"},
@@ -89,10 +106,19 @@ def test_read_questions_three_layouts_and_bad_records(tmp_path, capsys):
     path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
     records, skipped = curate.read_questions(str(path))
     assert [(r["id"], r["question"], r["answer"]) for r in records] == [
-        ("rl-1", "How many?", "3"), ("cot-1", "What is 2+5?", "7"), ("mul-1", "Which option? A. 1 B. 2", "B")]
+        ("rl-1", "How many?", "3"),
+        ("cot-1", "What is 2+5?", "7"),
+        ("mul-1", "Which option? A. 1 B. 2", "B"),
+    ]
     assert all(r["images"] == [str((tmp_path / "a.png").resolve())] for r in records)
-    assert skipped == {"not_json": 1, "no_answer": 1, "image_missing": 1, "image_unreadable": 1, "bad_gold": 1,
-                       "duplicate_id": 1}
+    assert skipped == {
+        "not_json": 1,
+        "no_answer": 1,
+        "image_missing": 1,
+        "image_unreadable": 1,
+        "bad_gold": 1,
+        "duplicate_id": 1,
+    }
     err = capsys.readouterr().err
     assert f"{path}:4: not valid JSON" in err and f"{path}:6: field 'image': image file not found" in err
     with pytest.raises(SystemExit, match=r"mixed.jsonl:4: not valid JSON.*--strict"):
@@ -107,10 +133,26 @@ def _attempts(out: Path, records: list[dict], flawed_every: int = 2, seed: int =
         prob = synthetic.problem_from_id(rec["id"])
         wrong = i % flawed_every == 0
         think, ans = synthetic.chain(prob, synthetic.flawed_counts(prob, rng) if wrong else None)
-        rows.append({"id": rec["id"], "sample": 0, "response": f"<think>{think}</think> <answer>{ans}</answer>",
-                     "rounds": 1, "correct": not wrong, "record": rec})
-    rows.append({"id": records[0]["id"], "sample": 1, "response": "<think>oops", "rounds": 0, "correct": False,
-                 "record": records[0]})  # a malformed attempt: nothing to reflect on
+        rows.append(
+            {
+                "id": rec["id"],
+                "sample": 0,
+                "response": f"<think>{think}</think> <answer>{ans}</answer>",
+                "rounds": 1,
+                "correct": not wrong,
+                "record": rec,
+            }
+        )
+    rows.append(
+        {
+            "id": records[0]["id"],
+            "sample": 1,
+            "response": "<think>oops",
+            "rounds": 0,
+            "correct": False,
+            "record": records[0],
+        }
+    )  # a malformed attempt: nothing to reflect on
     out.mkdir(parents=True, exist_ok=True)
     curate.append_lines(out / "answers.jsonl", rows)
     return rows
@@ -135,7 +177,9 @@ def test_reflect_and_build_with_the_oracle(tmp_path):
     for name in ("train", "val", "train_sharegpt", "val_sharegpt"):
         assert Path(summary["files"][name]).exists()
     recs = data.load_sft_records(summary["files"]["train"]) + data.load_sft_records(summary["files"]["val"])
-    share = data.load_sft_records(summary["files"]["train_sharegpt"]) + data.load_sft_records(summary["files"]["val_sharegpt"])
+    share = data.load_sft_records(summary["files"]["train_sharegpt"]) + data.load_sft_records(
+        summary["files"]["val_sharegpt"]
+    )
     assert [x["messages"] for x in recs] == [x["messages"] for x in share]  # the same examples in both layouts
     by_key = {f"{a['id']}#{a['sample']}": a for a in rows}
     for x in recs:
@@ -154,7 +198,7 @@ def test_reflect_and_build_with_the_oracle(tmp_path):
     assert own["correct_fraction"] == 0.75
 
 
-# ---------------------------------------------------------------------------------------------------- fake OpenAI server
+# ------------------------------------------------------------------------------------------------ fake OpenAI server
 class FakeAPI:
     """An OpenAI-compatible /v1/chat/completions on 127.0.0.1 whose behaviour depends on the student's answer in the
     prompt (each test record's attempt answer selects a fault). It logs every request it receives."""
@@ -177,11 +221,20 @@ class FakeAPI:
                 if status is None:  # hang past the client's timeout
                     time.sleep(api.hang)
                     return
-                payload = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": req["model"],
-                                      "choices": [{"index": 0, "finish_reason": "stop",
-                                                   "message": {"role": "assistant", "content": reply}}],
-                                      "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}
-                                     if status == 200 else {"error": {"message": "nope"}}).encode()
+                payload = json.dumps(
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": req["model"],
+                        "choices": [
+                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}
+                        ],
+                        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+                    }
+                    if status == 200
+                    else {"error": {"message": "nope"}}
+                ).encode()
                 try:
                     self.send_response(status)
                     for k, v in headers.items():
@@ -239,16 +292,44 @@ def _text_attempts(out: Path, students: list[str]) -> None:
     rows = []
     for i, s in enumerate(students):
         rec = {"id": f"q{i}", "question": f"What is {i} + 5 - {i}?", "images": [], "answer": "5", "choices": None}
-        rows.append({"id": rec["id"], "sample": 0, "response": f"<think>I think {i}.</think> <answer>{s}</answer>",
-                     "rounds": 1, "correct": s == "5", "record": rec})
+        rows.append(
+            {
+                "id": rec["id"],
+                "sample": 0,
+                "response": f"<think>I think {i}.</think> <answer>{s}</answer>",
+                "rounds": 1,
+                "correct": s == "5",
+                "record": rec,
+            }
+        )
     out.mkdir(parents=True, exist_ok=True)
     curate.append_lines(out / "answers.jsonl", rows)
 
 
 def _openai_args(url: str, out: Path, *extra) -> list[str]:
-    return ["--steps", "reflect,build", "--out_dir", str(out), "--teacher", "openai", "--teacher_url", url,
-            "--teacher_model", "fake-teacher", "--teacher_api_key_env", "FAKE_TEACHER_KEY", "--teacher_timeout", "1",
-            "--teacher_max_retries", "1", "--usd_per_mtok_in", "2.5", "--usd_per_mtok_out", "10", *extra]
+    return [
+        "--steps",
+        "reflect,build",
+        "--out_dir",
+        str(out),
+        "--teacher",
+        "openai",
+        "--teacher_url",
+        url,
+        "--teacher_model",
+        "fake-teacher",
+        "--teacher_api_key_env",
+        "FAKE_TEACHER_KEY",
+        "--teacher_timeout",
+        "1",
+        "--teacher_max_retries",
+        "1",
+        "--usd_per_mtok_in",
+        "2.5",
+        "--usd_per_mtok_out",
+        "10",
+        *extra,
+    ]
 
 
 def _assert_secret_nowhere(out: Path, *texts: str):
@@ -291,7 +372,9 @@ def test_openai_teacher_faults(api, tmp_path, monkeypatch, capfd):
     n = len(api.requests)
     summary = curate.main(_openai_args(api.url, out))
     assert summary["steps"]["reflect"]["cached_replies"] == 5
-    assert all(b"Student's answer: 500" in q["body"] or b"Student's answer: hang" in q["body"] for q in api.requests[n:])
+    assert all(
+        b"Student's answer: 500" in q["body"] or b"Student's answer: hang" in q["body"] for q in api.requests[n:]
+    )
     cap = capfd.readouterr()
     _assert_secret_nowhere(out, cap.out, cap.err)
 
@@ -365,9 +448,24 @@ def vllm_server(tmp_path_factory):
     port = _free_port()
     log = cache / "vllm.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_API_KEY": SECRET}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", world["init"], "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--served-model-name", "tiny-teacher",
-           "--enforce-eager"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        world["init"],
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "1024",
+        "--served-model-name",
+        "tiny-teacher",
+        "--enforce-eager",
+    ]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -378,8 +476,9 @@ def vllm_server(tmp_path_factory):
                 with socket.create_connection(("127.0.0.1", port), timeout=1):
                     import urllib.request
 
-                    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models",
-                                                 headers={"Authorization": f"Bearer {SECRET}"})
+                    req = urllib.request.Request(
+                        f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {SECRET}"}
+                    )
                     if urllib.request.urlopen(req, timeout=5).status == 200:
                         break
             except OSError:
@@ -403,8 +502,18 @@ def test_openai_teacher_against_vllm_server(vllm_server, tmp_path, monkeypatch, 
     records = curate.read_questions(vllm_server["world"]["train"])[0][:6]
     out = tmp_path / "cur"
     _attempts(out, records, flawed_every=2)
-    args = _openai_args(vllm_server["url"], out, "--teacher_max_tokens", "32", "--teacher_timeout", "120",
-                        "--teacher_model", "tiny-teacher", "--steps", "reflect")
+    args = _openai_args(
+        vllm_server["url"],
+        out,
+        "--teacher_max_tokens",
+        "32",
+        "--teacher_timeout",
+        "120",
+        "--teacher_model",
+        "tiny-teacher",
+        "--steps",
+        "reflect",
+    )
     summary = curate.main(args)
     r = summary["steps"]["reflect"]
     assert r["replies"] == 6 and r["transport_errors_retried_next_run"] == {}
@@ -423,8 +532,22 @@ def test_local_teacher_through_the_engine(tiny_dir, tmp_path):
     records = _grid_records(tmp_path, 3)
     out = tmp_path / "cur"
     _attempts(out, records, flawed_every=2)
-    summary = curate.main(["--steps", "reflect", "--out_dir", str(out), "--teacher", "local", "--teacher_model",
-                           str(tiny_dir), "--teacher_max_tokens", "8", "--teacher_temperature", "0"])
+    summary = curate.main(
+        [
+            "--steps",
+            "reflect",
+            "--out_dir",
+            str(out),
+            "--teacher",
+            "local",
+            "--teacher_model",
+            str(tiny_dir),
+            "--teacher_max_tokens",
+            "8",
+            "--teacher_temperature",
+            "0",
+        ]
+    )
     r = summary["steps"]["reflect"]
     assert r["replies"] == 3 and r["kept"] == 0 and sum(r["dropped"].values()) == 3
     assert r["prompt_tokens"] > 3 * 100 and 3 <= r["completion_tokens"] <= 3 * 8  # image tokens + the teacher prompt

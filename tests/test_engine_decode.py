@@ -43,10 +43,18 @@ def world(request, tmp_path_factory):
 
 def reference_generate(policy, processor, prompt, eng, max_new):
     """transformers' generate on one prompt (no padding), greedy, the engine's stop and suppressed ids."""
-    batch = data.collate(processor, [{"input_ids": prompt["ids"], "loss_mask": [0] * len(prompt["ids"]), "images": prompt["images"]}])
+    batch = data.collate(
+        processor, [{"input_ids": prompt["ids"], "loss_mask": [0] * len(prompt["ids"]), "images": prompt["images"]}]
+    )
     inputs = {k: v for k, v in batch.items() if k not in ("loss_mask", "labels")}
-    out = policy.generate(**inputs, max_new_tokens=max_new, do_sample=False, pad_token_id=data.tokenizer_of(processor).pad_token_id,
-                          eos_token_id=sorted(eng.stop_ids), suppress_tokens=eng.suppress)
+    out = policy.generate(
+        **inputs,
+        max_new_tokens=max_new,
+        do_sample=False,
+        pad_token_id=data.tokenizer_of(processor).pad_token_id,
+        eos_token_id=sorted(eng.stop_ids),
+        suppress_tokens=eng.suppress,
+    )
     ids = out[0, inputs["input_ids"].shape[1] :].tolist()
     for j, t in enumerate(ids):
         if t in eng.stop_ids:
@@ -56,8 +64,12 @@ def reference_generate(policy, processor, prompt, eng, max_new):
 
 def teacher_forced(policy, processor, prompt, completion, temperature, suppress):
     """log_softmax((logits with suppressed ids at -inf) / temperature) at each completion token, from one forward
-    over prompt + completion (grpo.sequence_logprobs' computation plus the engine's suppression)."""
-    sample = {"input_ids": prompt["ids"] + completion, "loss_mask": [0] * (len(prompt["ids"]) + len(completion)), "images": prompt["images"]}
+    over prompt + completion (forward.sequence_logprobs' computation plus the engine's suppression)."""
+    sample = {
+        "input_ids": prompt["ids"] + completion,
+        "loss_mask": [0] * (len(prompt["ids"]) + len(completion)),
+        "images": prompt["images"],
+    }
     batch = data.collate(processor, [sample])
     inputs = {k: v for k, v in batch.items() if k not in ("loss_mask", "labels")}
     with torch.no_grad():

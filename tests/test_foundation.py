@@ -1,7 +1,7 @@
 """The foundation: the tiny offline Qwen2.5-VL world, its processor, the synthetic task, data validation, config."""
 
-import os
 import json
+import os
 import subprocess
 import sys
 
@@ -15,7 +15,10 @@ from tests.conftest import ROOT
 def _chat(prob, image_path):
     return [
         {"role": "system", "content": prompts.SRPO_SYSTEM},
-        {"role": "user", "content": [{"type": "image", "image": str(image_path)}, {"type": "text", "text": prob.question}]},
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": str(image_path)}, {"type": "text", "text": prob.question}],
+        },
         {"role": "assistant", "content": synthetic.one_round(prob)},
     ]
 
@@ -38,7 +41,9 @@ def test_tiny_model_roundtrip_forward_backward_generate(tiny_dir, tmp_path):
     grads = [p.grad for n, p in policy.named_parameters() if "visual" in n]
     assert any(g is not None and g.abs().sum() > 0 for g in grads), "the vision tower must get gradients"
     # sampled generation from a rendered prompt
-    prompt = processor.apply_chat_template(_chat(prob, tmp_path / "x.png")[:2], tokenize=False, add_generation_prompt=True)
+    prompt = processor.apply_chat_template(
+        _chat(prob, tmp_path / "x.png")[:2], tokenize=False, add_generation_prompt=True
+    )
     enc = processor(text=[prompt], images=[synthetic.render(prob)], return_tensors="pt")
     gen = policy.generate(**enc, max_new_tokens=8, do_sample=True)
     assert gen.shape[1] > enc["input_ids"].shape[1]
@@ -47,7 +52,13 @@ def test_tiny_model_roundtrip_forward_backward_generate(tiny_dir, tmp_path):
 def test_tiny_build_is_deterministic_and_saves_all_parts(tmp_path):
     a = tiny.build_tiny(tmp_path / "a", size="0.2m", seed=3)
     tiny.build_tiny(tmp_path / "b", size="0.2m", seed=3)
-    for name in ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "chat_template.jinja"]:
+    for name in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "preprocessor_config.json",
+        "chat_template.jinja",
+    ]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert 1e5 < a["params"] < 1e6
 
@@ -73,7 +84,9 @@ def test_missing_model_fails_clearly(monkeypatch):
 def _recount(img, n, color):
     """An independent recount from pixels: sample each cell's centre pixel."""
     rgb = synthetic.COLORS[color]
-    return sum(img.getpixel((c * synthetic.CELL + 14, r * synthetic.CELL + 14)) == rgb for r in range(n) for c in range(n))
+    return sum(
+        img.getpixel((c * synthetic.CELL + 14, r * synthetic.CELL + 14)) == rgb for r in range(n) for c in range(n)
+    )
 
 
 def test_synthetic_answers_match_an_independent_recount():
@@ -146,7 +159,10 @@ def test_bad_sft_records_name_file_line_and_field(tmp_path):
 
 
 def test_importing_the_package_is_light():
-    code = "import sys, nanosrpo; bad = [m for m in ('torch', 'transformers', 'vllm', 'flash_attn') if m in sys.modules]; print(bad)"
+    code = (
+        "import sys, nanosrpo; bad = [m for m in ('torch', 'transformers', 'vllm', 'flash_attn') if m in sys.modules]; "
+        "print(bad)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -20,8 +20,14 @@ def _spawn(worker, *args):
 
 
 def _init(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
 
 
@@ -42,7 +48,7 @@ def _batch(vocab: int, rows: int = 4, seed: int = 0) -> dict:
 # ----------------------------------------------------------------------------------------------------- gather
 def _gather_worker(rank, world, port, path, result_dir):
     _init(rank, world, port)
-    from nanosrpo import engine, model
+    from nanosrpo import model
 
     policy, _ = model.load_policy(path)
     model.freeze_vision(policy)
@@ -51,14 +57,14 @@ def _gather_worker(rank, world, port, path, result_dir):
     # sharded for real: a layer's weight is a DTensor holding only a slice on this rank
     w = policy.model.language_model.layers[0].mlp.gate_proj.weight
     assert type(w).__name__ == "DTensor" and w.to_local().shape[0] < w.shape[0]
-    full = dict(engine.trainer_weights(policy))
+    full = dict(model.trainer_weights(policy))
     missing = set(reference) - set(full)
     assert not missing, missing
     for k, v in reference.items():
         assert type(full[k]) is torch.Tensor, (k, type(full[k]))
         torch.testing.assert_close(full[k].cpu(), v, rtol=0, atol=0, msg=k)
     # the engine's dtype, cast shard by shard before the gather; frozen weights (the vision tower) left out
-    sent = dict(engine.trainer_weights(policy, torch.bfloat16, skip_frozen=True))
+    sent = dict(model.trainer_weights(policy, torch.bfloat16, skip_frozen=True))
     assert sent and not any(".visual." in f".{k}" for k in sent)
     assert set(sent) == {k for k in reference if ".visual." not in f".{k}" and "rotary_emb" not in k}
     for k, v in sent.items():
@@ -75,16 +81,16 @@ def test_fully_shard_full_state_dict_on_gloo(tiny_dir, tmp_path):
 
 # ----------------------------------------------------------------------------------------------------- training
 def _loss(policy, batch):
-    from nanosrpo import grpo
+    from nanosrpo import forward
 
-    return -grpo.sequence_logprobs(policy, batch).mean()
+    return -forward.sequence_logprobs(policy, batch).mean()
 
 
 def _train_worker(rank, world, port, path, result_dir):
     _init(rank, world, port)
     from accelerate import Accelerator
 
-    from nanosrpo import engine, grpo, model, optim
+    from nanosrpo import forward, model, optim
 
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == 2
@@ -97,8 +103,10 @@ def _train_worker(rank, world, port, path, result_dir):
     _loss(unsharded, batch).backward()
     want_norm = float(torch.nn.utils.clip_grad_norm_(unsharded.parameters(), float("inf")))
     max_norm = want_norm / 4  # so that clipping changes the update
-    clipped = {n: (p - lr * p.grad * max_norm / want_norm).detach() if p.grad is not None else p.detach()
-               for n, p in unsharded.named_parameters()}
+    clipped = {
+        n: (p - lr * p.grad * max_norm / want_norm).detach() if p.grad is not None else p.detach()
+        for n, p in unsharded.named_parameters()
+    }
 
     stale = list(policy.parameters())  # what train_grpo.py clipped before: parameters taken before sharding
     _shard(policy)
@@ -123,19 +131,19 @@ def _train_worker(rank, world, port, path, result_dir):
     assert float(accelerator.clip_grad_norm_(stale, max_norm)) == 0.0  # the defect: stale parameters have no grads
     norm = optim.clip_and_step(accelerator, policy, optimizer, scheduler, max_norm)
     assert abs(norm - want_norm) < 1e-4 * want_norm, (norm, want_norm)
-    got = dict(engine.trainer_weights(policy))
+    got = dict(model.trainer_weights(policy))
     for n, v in clipped.items():
         torch.testing.assert_close(got[n], v, atol=1e-5, rtol=1e-4, msg=n)
 
     # the KL reference, sharded like the policy: same log-probs as unsharded, a slice of each layer per rank
     ref, _ = model.load_policy(path)
     with torch.no_grad():
-        want_lp = grpo.sequence_logprobs(ref, batch)
+        want_lp = forward.sequence_logprobs(ref, batch)
     model.shard_like_fsdp(ref)
     w = ref.model.language_model.layers[0].mlp.gate_proj.weight
     assert type(w).__name__ == "DTensor" and w.to_local().shape[0] < w.shape[0]
     with torch.no_grad():
-        torch.testing.assert_close(grpo.sequence_logprobs(ref, batch), want_lp, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(forward.sequence_logprobs(ref, batch), want_lp, atol=1e-5, rtol=1e-5)
     (result_dir / f"ok-{rank}").write_text("ok")
     torch.distributed.barrier()  # both ranks done before either tears gloo down (an exit race aborted one, rarely)
     torch.distributed.destroy_process_group()
@@ -151,7 +159,7 @@ def _shared_worker(rank, world, port, path, result_dir):
     """The 7B preset's training forward on this CPU: FSDP2, gradient checkpointing, the shared-prompt layout. Each rank
     trains on one group; the averaged sharded gradient must equal the unsharded padded batch's over both groups."""
     _init(rank, world, port)
-    from nanosrpo import data, grpo, model
+    from nanosrpo import data, forward, model
     from tests.test_shared_prompt import _groups
 
     policy, processor = model.load_policy(path)
@@ -160,7 +168,7 @@ def _shared_worker(rank, world, port, path, result_dir):
     n_tokens = sum(sum(s["loss_mask"]) for s in samples)
 
     def loss(m, batch):  # both groups' tokens weigh the same: a token mean over the whole update
-        return -(grpo.sequence_logprobs(m, batch) * batch["loss_mask"]).sum() / n_tokens
+        return -(forward.sequence_logprobs(m, batch) * batch["loss_mask"]).sum() / n_tokens
 
     unsharded, _ = model.load_policy(path)
     model.freeze_vision(unsharded)

@@ -27,8 +27,14 @@ def _spawn(worker, *args):
 
 
 def _init(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     # a rank that waits on a collective the other never joins fails after 2 minutes instead of hanging the suite
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
 
@@ -57,9 +63,9 @@ def _step(accelerator, policy, optimizer, scheduler, i, rank):
 
 
 def _full(policy) -> dict:
-    from nanosrpo import engine
+    from nanosrpo import model
 
-    return {k: v.clone() for k, v in engine.trainer_weights(policy)}
+    return {k: v.clone() for k, v in model.trainer_weights(policy)}
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
@@ -76,15 +82,25 @@ def _resume_worker(rank, world, port, path, out):
     for i in range(2):
         _step(accelerator, policy, optimizer, scheduler, i, rank)
     at_save = _full(policy)
-    checkpoint.save_checkpoint(accelerator, policy, processor, out, 2, {"cursor": 5}, optimizer=optimizer,
-                               scheduler=scheduler, export_dtype=torch.bfloat16)
+    checkpoint.save_checkpoint(
+        accelerator,
+        policy,
+        processor,
+        out,
+        2,
+        {"cursor": 5},
+        optimizer=optimizer,
+        scheduler=scheduler,
+        export_dtype=torch.bfloat16,
+    )
     want = [_step(accelerator, policy, optimizer, scheduler, i, rank) for i in (2, 3)]
     want_weights = _full(policy)
 
     torch.manual_seed(1234)  # a resumed process starts with other RNG states: the checkpoint must restore them
     policy, processor, optimizer, scheduler = _build(accelerator, path)
-    state = checkpoint.load_checkpoint(accelerator, out / "checkpoint-2", model=policy, optimizer=optimizer,
-                                       scheduler=scheduler)
+    state = checkpoint.load_checkpoint(
+        accelerator, out / "checkpoint-2", model=policy, optimizer=optimizer, scheduler=scheduler
+    )
     assert state == {"cursor": 5, "step": 2}
     got = [_step(accelerator, policy, optimizer, scheduler, i, rank) for i in (2, 3)]
     assert got == want, (got, want)  # exactly: losses, gradient norms, RNG draws
@@ -112,8 +128,11 @@ def test_sharded_checkpoint_resumes_exactly_and_exports_bf16(tiny_dir, tmp_path)
     assert holders == {"__0_0.distcp", "__1_0.distcp"}  # one Adam moment, split between the two files
     optim_bytes = sum(info.length for index, info in meta.storage_data.items() if index.fqn.startswith("optim.state."))
     for name in ("__0_0.distcp", "__1_0.distcp"):
-        mine = sum(info.length for index, info in meta.storage_data.items()
-                   if index.fqn.startswith("optim.state.") and info.relative_path == name)
+        mine = sum(
+            info.length
+            for index, info in meta.storage_data.items()
+            if index.fqn.startswith("optim.state.") and info.relative_path == name
+        )
         assert 0.3 * optim_bytes < mine < 0.7 * optim_bytes, (name, mine, optim_bytes)
 
     # policy/: bf16 safetensors that from_pretrained loads as bf16 (dtype "auto" reads config.json, as vLLM does),
@@ -183,19 +202,52 @@ def test_train_sft_fsdp_resume_continues_exactly(tiny_dir, tmp_path):
 
     sft = synthetic.write_sft_split(tmp_path / "data", "sft", 12, seed=7, system=prompts.SRPO_SYSTEM, reflection=True)
     out = tmp_path / "run"
-    args = ["--model", str(tiny_dir), "--data", str(sft), "--out_dir", str(out), "--max_steps", "4", "--batch_size", "2",
-            "--grad_accum", "2", "--lr", "3e-3", "--save_every", "2", "--keep_checkpoints", "0", "--fsdp", "true"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(ROOT / "train_sft.py")]
+    args = [
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(sft),
+        "--out_dir",
+        str(out),
+        "--max_steps",
+        "4",
+        "--batch_size",
+        "2",
+        "--grad_accum",
+        "2",
+        "--lr",
+        "3e-3",
+        "--save_every",
+        "2",
+        "--keep_checkpoints",
+        "0",
+        "--fsdp",
+        "true",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(ROOT / "train_sft.py"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd + args, check=True, cwd=ROOT, env=env, timeout=900)
     first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(p.name for p in (out / "checkpoint-4" / "state").glob("__*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in (out / "checkpoint-4" / "state").glob("__*.distcp")) == [
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
     shutil.move(out / "checkpoint-4", tmp_path / "uninterrupted-4")
     subprocess.run(cmd + args + ["--resume"], check=True, cwd=ROOT, env=env, timeout=900)
     resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
-    assert [(r["loss"], r["grad_norm"], r["lr"]) for r in resumed] == [(r["loss"], r["grad_norm"], r["lr"]) for r in first]
+    assert [(r["loss"], r["grad_norm"], r["lr"]) for r in resumed] == [
+        (r["loss"], r["grad_norm"], r["lr"]) for r in first
+    ]
     from safetensors.torch import load_file
 
     want = load_file(tmp_path / "uninterrupted-4" / "policy" / "model.safetensors")

@@ -16,10 +16,13 @@ spec.loader.exec_module(gpu)
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")
 def test_refuses_on_cpu_in_one_line():
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--size", "3b"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--size", "3b"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 1
     assert r.stdout == "" and r.stderr.strip().splitlines() == [
-        "bench/gpu.py measures a CUDA GPU and there is none here (torch.cuda.is_available() is False)"]
+        "bench/gpu.py measures a CUDA GPU and there is none here (torch.cuda.is_available() is False)"
+    ]
 
 
 def test_train_flops_by_hand():
@@ -45,11 +48,14 @@ def test_peak_by_device_name():
 
 @pytest.mark.parametrize("size,params", [("7b", 8_292_166_656), ("3b", 3_754_622_976)])
 def test_configs_build_the_released_sizes(size, params):
-    """The released models' parameter counts (7B: the model card's 8.29B, bench/memory_plan.py's exact count; 3B: 3.75B),
-    built on the meta device (no memory, no weights)."""
+    """The released models' parameter counts (7B: the model card's 8.29B, bench/memory_plan.py's exact count;
+    3B: 3.75B), built on the meta device (no memory, no weights)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     with torch.device("meta"):
         m = Qwen2_5_VLForConditionalGeneration(gpu.qwen25_vl_config(size))
     assert sum(p.numel() for p in m.parameters()) == params
-    assert m.config.vision_config.hidden_size == 1280 and m.config.vision_config.out_hidden_size == gpu.SIZES[size]["hidden"]
+    assert (
+        m.config.vision_config.hidden_size == 1280
+        and m.config.vision_config.out_hidden_size == gpu.SIZES[size]["hidden"]
+    )

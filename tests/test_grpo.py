@@ -1,11 +1,12 @@
-"""Tests for nanosrpo.grpo: every formula against a naive per-sequence python loop, and the log-probs on the tiny VL model."""
+"""Tests for nanosrpo.grpo: every formula against a naive per-sequence python loop, and the log-probs on the tiny VL
+model."""
 
 import math
 
 import pytest
 import torch
 
-from nanosrpo import grpo
+from nanosrpo import forward, grpo
 
 AGGS = grpo.AGGREGATIONS
 
@@ -97,7 +98,9 @@ def naive_stats(logprobs, old, adv, mask, clip_low, clip_high, ref):
 def random_batch(B=8, T=12, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     logprobs = -torch.rand(B, T, generator=g, dtype=dtype) * 3
-    old = logprobs + 0.4 * torch.randn(B, T, generator=g, dtype=dtype)  # ratios well outside [0.8, 1.28]: clipping happens
+    old = logprobs + 0.4 * torch.randn(
+        B, T, generator=g, dtype=dtype
+    )  # ratios well outside [0.8, 1.28]: clipping happens
     ref = logprobs + 0.3 * torch.randn(B, T, generator=g, dtype=dtype)
     adv = torch.randn(B, generator=g, dtype=dtype)
     lengths = torch.randint(1, T + 1, (B,), generator=g)
@@ -117,7 +120,9 @@ def test_policy_loss_matches_naive(aggregation, clip, with_ref):
     ref = ref if with_ref else None
     kl_coef = 0.05 if with_ref else 0.0
     lp_fast = logprobs.clone().requires_grad_(True)
-    loss, stats = grpo.policy_loss(lp_fast, old, adv, mask, *clip, ref_logprobs=ref, kl_coef=kl_coef, aggregation=aggregation)
+    loss, stats = grpo.policy_loss(
+        lp_fast, old, adv, mask, *clip, ref_logprobs=ref, kl_coef=kl_coef, aggregation=aggregation
+    )
     loss.backward()
     lp_naive = logprobs.clone().requires_grad_(True)
     want = naive_loss(lp_naive, old, adv, mask, *clip, ref, kl_coef, aggregation)
@@ -135,7 +140,9 @@ def test_policy_loss_max_len_and_old_logprobs_without_grad():
     logprobs, old, _, adv, mask = random_batch(seed=1)
     lp = logprobs.clone().requires_grad_(True)
     loss, _ = grpo.policy_loss(lp, old, adv, mask, aggregation="seq-mean-token-sum-norm", max_len=20)
-    torch.testing.assert_close(loss, naive_loss(logprobs, old, adv, mask, 0.2, 0.2, None, 0.0, "seq-mean-token-sum-norm", 20))
+    torch.testing.assert_close(
+        loss, naive_loss(logprobs, old, adv, mask, 0.2, 0.2, None, 0.0, "seq-mean-token-sum-norm", 20)
+    )
     # old_logprobs is a constant even if the caller forgot to detach it
     loss, _ = grpo.policy_loss(lp, lp, adv, mask)
     loss.backward()
@@ -174,7 +181,11 @@ def test_padding_changes_nothing(aggregation):
     loss1, stats1 = grpo.policy_loss(lp1, old, adv, mask, ref_logprobs=ref, **kw)
     loss1.backward()
     lp2 = torch.cat([logprobs, junk()], 1).requires_grad_(True)
-    old2, ref2, mask2 = torch.cat([old, junk()], 1), torch.cat([ref, junk()], 1), torch.cat([mask, torch.zeros(B, pad)], 1)
+    old2, ref2, mask2 = (
+        torch.cat([old, junk()], 1),
+        torch.cat([ref, junk()], 1),
+        torch.cat([mask, torch.zeros(B, pad)], 1),
+    )
     loss2, stats2 = grpo.policy_loss(lp2, old2, adv, mask2, ref_logprobs=ref2, **kw)
     loss2.backward()
     torch.testing.assert_close(loss1, loss2)
@@ -190,7 +201,9 @@ def test_empty_sequence_is_not_nan(aggregation):
     lp = logprobs.clone().requires_grad_(True)
     loss, stats = grpo.policy_loss(lp, old, adv, mask, ref_logprobs=ref, kl_coef=0.1, aggregation=aggregation)
     loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(lp.grad).all() and torch.equal(lp.grad[1], torch.zeros_like(lp.grad[1]))
+    assert (
+        torch.isfinite(loss) and torch.isfinite(lp.grad).all() and torch.equal(lp.grad[1], torch.zeros_like(lp.grad[1]))
+    )
     lp = logprobs.clone().requires_grad_(True)
     loss, stats = grpo.policy_loss(lp, old, adv, torch.zeros_like(mask), aggregation=aggregation)
     loss.backward()
@@ -207,9 +220,9 @@ def test_unknown_aggregation():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from nanosrpo import model as M
-    from nanosrpo import tiny as T
     from nanosrpo import prompts as P
     from nanosrpo import synthetic as S
+    from nanosrpo import tiny as T
 
     path = tmp_path_factory.mktemp("tiny") / "tiny"
     T.build_tiny(path, size="0.2m", seed=0)
@@ -228,7 +241,9 @@ def tiny(tmp_path_factory):
 
     def encode(idx, side):
         processor.tokenizer.padding_side = side
-        return dict(processor(text=[texts[i] for i in idx], images=[images[i] for i in idx], return_tensors="pt", padding=True))
+        return dict(
+            processor(text=[texts[i] for i in idx], images=[images[i] for i in idx], return_tensors="pt", padding=True)
+        )
 
     return model, encode
 
@@ -249,7 +264,7 @@ def test_sequence_logprobs_matches_naive_for_both_paddings(tiny):
             batch = encode([0, 1], side)
             assert "mm_token_type_ids" in batch and batch["pixel_values"].shape[0] > 0
             batch["completion_mask"] = torch.ones_like(batch["input_ids"])  # non-model keys are ignored
-            got = grpo.sequence_logprobs(model, batch, chunk_size=37)  # a chunk size that does not divide B*T
+            got = forward.sequence_logprobs(model, batch, chunk_size=37)  # a chunk size that does not divide B*T
             assert got.shape == batch["input_ids"].shape and got.dtype == torch.float32
             lengths = batch["attention_mask"].sum(1)
             assert lengths[0] != lengths[1]  # one row really is padded
@@ -270,14 +285,16 @@ def test_sequence_logprobs_temperature(tiny):
     batch = encode([0, 1], "left")
     with torch.no_grad():
         want = naive_logprobs(model, batch, temperature=0.7) * batch["attention_mask"]
-        torch.testing.assert_close(grpo.sequence_logprobs(model, batch, temperature=0.7), want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(forward.sequence_logprobs(model, batch, temperature=0.7), want, atol=1e-5, rtol=0)
 
 
 def test_sequence_logprobs_gradients_match_naive(tiny):
     """Chunked + checkpointed log-probs give the same parameter gradients as the plain computation."""
     model, encode = tiny
     batch = encode([0, 1], "right")
-    weights = torch.randn(batch["input_ids"].shape, generator=torch.Generator().manual_seed(0)) * batch["attention_mask"]
+    weights = (
+        torch.randn(batch["input_ids"].shape, generator=torch.Generator().manual_seed(0)) * batch["attention_mask"]
+    )
     params = [p for p in model.parameters() if p.requires_grad]
 
     def grads(fn):
@@ -286,7 +303,7 @@ def test_sequence_logprobs_gradients_match_naive(tiny):
         return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
     want = grads(lambda: naive_logprobs(model, batch))
-    got = grads(lambda: grpo.sequence_logprobs(model, batch, chunk_size=64))
+    got = grads(lambda: forward.sequence_logprobs(model, batch, chunk_size=64))
     assert any(g.abs().sum() > 0 for g in got)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
@@ -300,8 +317,8 @@ def test_end_to_end_loss_backward(tiny):
     mask = batch["attention_mask"].clone()
     mask[:, : mask.shape[1] - 20] = 0  # pretend the last 20 tokens are the completion
     with torch.no_grad():
-        old = grpo.sequence_logprobs(model, batch)
-    logprobs = grpo.sequence_logprobs(model, batch)
+        old = forward.sequence_logprobs(model, batch)
+    logprobs = forward.sequence_logprobs(model, batch)
     adv = grpo.group_advantages(torch.tensor([1.0, 0.0]), group_size=2)
     loss, stats = grpo.policy_loss(logprobs, old, adv, mask)
     assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
@@ -354,8 +371,9 @@ def test_micro_batches_on_processes_add_up_to_the_whole_update(aggregation):
     for rank in range(world):
         lp = logprobs.clone().requires_grad_()
         for mb in ([rank * 4, rank * 4 + 1], [rank * 4 + 2, rank * 4 + 3]):
-            loss, _ = grpo.policy_loss(lp[mb], old[mb], adv[mb], mask[mb], 0.2, 0.28, aggregation=aggregation,
-                                       normalizer=normalizer)
+            loss, _ = grpo.policy_loss(
+                lp[mb], old[mb], adv[mb], mask[mb], 0.2, 0.28, aggregation=aggregation, normalizer=normalizer
+            )
             (loss * world).backward()
         averaged += lp.grad / world
     torch.testing.assert_close(averaged, want)
@@ -367,17 +385,20 @@ def test_micro_batches_on_processes_add_up_to_the_whole_update(aggregation):
         assert not torch.allclose(lp.grad, want)
 
 
-@pytest.mark.parametrize("rewards, accuracies, keep", [
-    ([1.0, 0.0, 1.0, 0.0], [1, 0, 1, 0], True),  # mean accuracy 0.5, rewards differ
-    ([1.0, 1.0, 1.0, 1.0], [1, 1, 1, 1], False),  # too easy (and no signal)
-    ([0.0, 0.0, 0.0, 0.0], [0, 0, 0, 0], False),  # too hard
-    ([1.2, 1.0, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5], False),  # in bounds, every accuracy equal: nothing to learn
-    ([1.2, 1.0, 0.5, 0.5], [0.5, 0.5, 0.5, 0.25], True),  # ... and one that differs: something to learn
-    ([1.0, 0.0, 0.0, 0.0], [0.4, 0.0, 0.0, 0.0], True),  # mean 0.1: the bounds are inclusive
-    ([1.0, 0.0, 0.0, 0.0], [0.05, 0.0, 0.0, 0.0], False),  # mean 0.0125 < 0.1
-    ([1.0, 1.0, 1.0, 0.9], [1.0, 1.0, 1.0, 0.7], False),  # mean 0.925 > 0.9
-    ([1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 1.0, 0.0], False),  # in bounds but every reward equal: zero advantages
-])
+@pytest.mark.parametrize(
+    "rewards, accuracies, keep",
+    [
+        ([1.0, 0.0, 1.0, 0.0], [1, 0, 1, 0], True),  # mean accuracy 0.5, rewards differ
+        ([1.0, 1.0, 1.0, 1.0], [1, 1, 1, 1], False),  # too easy (and no signal)
+        ([0.0, 0.0, 0.0, 0.0], [0, 0, 0, 0], False),  # too hard
+        ([1.2, 1.0, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5], False),  # in bounds, every accuracy equal: nothing to learn
+        ([1.2, 1.0, 0.5, 0.5], [0.5, 0.5, 0.5, 0.25], True),  # ... and one that differs: something to learn
+        ([1.0, 0.0, 0.0, 0.0], [0.4, 0.0, 0.0, 0.0], True),  # mean 0.1: the bounds are inclusive
+        ([1.0, 0.0, 0.0, 0.0], [0.05, 0.0, 0.0, 0.0], False),  # mean 0.0125 < 0.1
+        ([1.0, 1.0, 1.0, 0.9], [1.0, 1.0, 1.0, 0.7], False),  # mean 0.925 > 0.9
+        ([1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 1.0, 0.0], False),  # in bounds but every reward equal: zero advantages
+    ],
+)
 def test_keep_group(rewards, accuracies, keep):
     assert grpo.keep_group(rewards, accuracies, 0.1, 0.9) == keep
 

@@ -38,7 +38,9 @@ def test_param_count_7b_equals_transformers_model_on_meta():
     cfg = Qwen2_5_VLConfig(**mp.QWEN25_VL_7B_CONFIG)
     with torch.device("meta"):  # no memory: shapes only
         m = Qwen2_5_VLForConditionalGeneration(cfg)
-    assert sum(p.numel() for p in m.parameters()) == mp.param_counts(mp.arch_from_config(mp.QWEN25_VL_7B_CONFIG))["total"]
+    assert (
+        sum(p.numel() for p in m.parameters()) == mp.param_counts(mp.arch_from_config(mp.QWEN25_VL_7B_CONFIG))["total"]
+    )
 
 
 @pytest.mark.parametrize("size,text_only", [("1m", False), ("0.2m", True)])
@@ -70,7 +72,9 @@ def test_activation_bytes_toy_by_hand():
     assert ckpt["stored"] == 2 * (2 * 4 + 8) + 1 * 2 * 2 == 36  # only each layer's input s*h, + the bool mask B*T*T
     assert ckpt["layer_bwd"] == 2 * (172 + 32 + 16) == 440
     assert ckpt["peak"] == 36 + max(424, 440) == 476
-    assert mp.activation_bytes(TOY, 1, 2, 4, False)["loss_bwd"] == 2 * 2 * 4 * 10 + 2 * 4 * 10 * 2  # fp32: no float copy
+    assert (
+        mp.activation_bytes(TOY, 1, 2, 4, False)["loss_bwd"] == 2 * 2 * 4 * 10 + 2 * 4 * 10 * 2
+    )  # fp32: no float copy
 
 
 def test_fsdp_buffers_and_kv_cache_7b_by_hand():
@@ -105,12 +109,19 @@ def test_plan_rows_toy(monkeypatch):
     assert rows["weights"] == (4 * 204 / 2, 4 * 204 / 2)
     assert rows["gradients"] == (4 * 204 / 2, 0)
     assert rows["AdamW m + v"] == (8 * 204 / 2, 8 * 204 / 2)
-    assert r["train"] == 16 * 204 / 2 + mp.fsdp_buffer_bytes(TOY, True) + mp.activation_bytes(TOY, 1, 2, 2, False)["peak"]
+    assert (
+        r["train"] == 16 * 204 / 2 + mp.fsdp_buffer_bytes(TOY, True) + mp.activation_bytes(TOY, 1, 2, 2, False)["peak"]
+    )
 
 
 def test_preset_7b_script_runs():
-    out = subprocess.run([sys.executable, "bench/memory_plan.py", "--preset", "qwen2.5-vl-7b", "--gpus", "8", "--gpu_gb", "80"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "bench/memory_plan.py", "--preset", "qwen2.5-vl-7b", "--gpus", "8", "--gpu_gb", "80"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "8.292B total" in text and "micro-batch 4 x 3072 tokens" in text  # the preset's numbers, read from config
@@ -123,8 +134,13 @@ def test_preset_7b_script_runs():
 def test_model_config_errors(tmp_path):
     bad = tmp_path / "config.json"
     bad.write_text(json.dumps({"model_type": "llama"}))
-    out = subprocess.run([sys.executable, "bench/memory_plan.py", "--model_config", str(bad)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "bench/memory_plan.py", "--model_config", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode != 0 and "model_type 'llama'" in out.stderr and "Traceback" not in out.stderr
 
 

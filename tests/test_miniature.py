@@ -14,8 +14,14 @@ spec.loader.exec_module(miniature)
 
 def _results(path, acc, first=0.5, tokens=100.0):
     path.mkdir(parents=True)
-    keys = {"accuracy": acc, "first_accuracy": first, "wrong_to_right": 0.1, "right_to_wrong": 0.05, "format_rate": 1.0,
-            "mean_response_tokens": tokens}
+    keys = {
+        "accuracy": acc,
+        "first_accuracy": first,
+        "wrong_to_right": 0.1,
+        "right_to_wrong": 0.05,
+        "format_rate": 1.0,
+        "mean_response_tokens": tokens,
+    }
     (path / "results.json").write_text(json.dumps(keys))
 
 

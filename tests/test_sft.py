@@ -26,8 +26,22 @@ def _metrics(out_dir) -> list[dict]:
 def test_loss_falls(tiny_dir, sft_file, tmp_path):
     out = tmp_path / "run"
     final = train_sft.main(
-        ["--model", str(tiny_dir), "--data", str(sft_file), "--out_dir", str(out), "--max_steps", "30",
-         "--batch_size", "4", "--lr", "3e-3", "--save_every", "0"]
+        [
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(sft_file),
+            "--out_dir",
+            str(out),
+            "--max_steps",
+            "30",
+            "--batch_size",
+            "4",
+            "--lr",
+            "3e-3",
+            "--save_every",
+            "0",
+        ]
     )
     rows = _metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 31))
@@ -70,8 +84,14 @@ def test_tokenize_chats_equals_one_at_a_time(tiny_dir, sft_file):
     chats = [r["messages"] for r in data.load_sft_records(sft_file)[:5]]
     plain = [{"role": "user", "content": "How many red cells?"}, {"role": "assistant", "content": "<answer>3</answer>"}]
     chats = [chats[0], plain, *chats[1:3], [plain[0], {"role": "assistant", "content": "two"}], *chats[3:]]
-    alone = [data.encode(processor, processor.apply_chat_template(m, tokenize=False),
-                         [data.load_image(p) for p in data.message_images(m)]) for m in chats]
+    alone = [
+        data.encode(
+            processor,
+            processor.apply_chat_template(m, tokenize=False),
+            [data.load_image(p) for p in data.message_images(m)],
+        )
+        for m in chats
+    ]
     many = data.tokenize_chats(processor, chats)
     assert [s["input_ids"] for s in many] == alone
     assert [s["loss_mask"] for s in many] == [data.assistant_mask(ids, tok) for ids in alone]
@@ -94,7 +114,9 @@ def test_sharegpt_and_messages_layouts_give_identical_batches(tiny_dir, sft_file
                 else:
                     text = "".join("<image>" if c["type"] == "image" else c["text"] for c in m["content"])
                     images += [c["image"] for c in m["content"] if c["type"] == "image"]
-                turns.append({"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": text})
+                turns.append(
+                    {"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": text}
+                )
             dst.write(json.dumps({"conversations": turns, "images": images}) + "\n")
 
     def batch_of(path):
@@ -118,7 +140,9 @@ def test_length_bucketed_batches_keep_padding_small():
     assert len(flat) == len(set(flat)) == 1000 // 8 * 8  # every record at most once; only full batches
 
     def padding(batches):
-        return 1 - sum(lengths[i] for b in batches for i in b) / sum(len(b) * max(lengths[i] for i in b) for b in batches)
+        return 1 - sum(lengths[i] for b in batches for i in b) / sum(
+            len(b) * max(lengths[i] for i in b) for b in batches
+        )
 
     unsorted = [list(range(j, j + 8)) for j in range(0, 1000, 8)]
     assert padding(batches) < 0.1 and padding(unsorted) > 0.3
@@ -134,35 +158,72 @@ def test_ddp_on_cpu_matches_one_process(tiny_dir, sft_file, tmp_path):
     import sys
 
     root = Path(train_sft.__file__).parent
-    common = ["--model", str(tiny_dir), "--data", str(sft_file), "--max_steps", "3", "--grad_accum", "2", "--save_every", "0"]
+    common = [
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(sft_file),
+        "--max_steps",
+        "3",
+        "--grad_accum",
+        "2",
+        "--save_every",
+        "0",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    subprocess.run(torchrun + ["train_sft.py", "--out_dir", str(tmp_path / "ddp"), "--batch_size", "2"] + common,
-                   cwd=root, env=env, check=True, capture_output=True)
-    subprocess.run([sys.executable, "train_sft.py", "--out_dir", str(tmp_path / "one"), "--batch_size", "4"] + common,
-                   cwd=root, env=env, check=True, capture_output=True)
+    subprocess.run(
+        torchrun + ["train_sft.py", "--out_dir", str(tmp_path / "ddp"), "--batch_size", "2"] + common,
+        cwd=root,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [sys.executable, "train_sft.py", "--out_dir", str(tmp_path / "one"), "--batch_size", "4"] + common,
+        cwd=root,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     ddp, one = _metrics(tmp_path / "ddp"), _metrics(tmp_path / "one")
     assert len(ddp) == len(one) == 3
     for a, b in zip(ddp, one):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(
+            b["grad_norm"], rel=1e-4
+        )
     state = tmp_path / "ddp" / "checkpoint-3" / "state"  # each process saved its RNG states and wrote its files
     assert sorted(p.name for p in state.glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
     assert sorted(p.name for p in state.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
 def test_loss_equals_the_full_vocabulary_cross_entropy(tiny_dir, sft_file, tmp_path, monkeypatch):
-    """train_sft.py's loss comes from grpo.sequence_logprobs (chunked float32 log-probs, one path with GRPO); it must
+    """train_sft.py's loss comes from forward.sequence_logprobs (chunked float32 log-probs, one path with GRPO); it must
     be the old one, the full-vocabulary fp32 cross-entropy summed over assistant targets and divided by their number,
     to 1e-6: the first step's loss (all 8 records in one micro-batch, initial weights) and its gradient norm."""
     import torch.nn.functional as F
 
-    from nanosrpo import grpo
+    from nanosrpo import forward
 
-    calls, scored = [], grpo.sequence_logprobs
-    monkeypatch.setattr(grpo, "sequence_logprobs", lambda *a, **k: calls.append(1) or scored(*a, **k))
+    calls, scored = [], forward.sequence_logprobs
+    monkeypatch.setattr(forward, "sequence_logprobs", lambda *a, **k: calls.append(1) or scored(*a, **k))
     out = tmp_path / "one"
-    train_sft.main(["--model", str(tiny_dir), "--data", str(sft_file), "--out_dir", str(out), "--max_steps", "1",
-                    "--batch_size", "8", "--save_every", "0"])
+    train_sft.main(
+        [
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(sft_file),
+            "--out_dir",
+            str(out),
+            "--max_steps",
+            "1",
+            "--batch_size",
+            "8",
+            "--save_every",
+            "0",
+        ]
+    )
     got = _metrics(out)[0]
     assert calls == [1]
     monkeypatch.undo()
@@ -184,7 +245,8 @@ def test_loss_equals_the_full_vocabulary_cross_entropy(tiny_dir, sft_file, tmp_p
 
     # the packed layout (flash-attention's, here through sdpa's block mask) scores the same targets
     packed = data.packed_batch(processor, [{**s, "images": s["images"]} for s in samples])
-    lp = grpo.sequence_logprobs(policy, packed)
+    lp = forward.sequence_logprobs(policy, packed)
     with torch.no_grad():
         assert (-(lp * packed["loss_mask"])[:, 1:].sum() / (targets != IGNORE).sum()).item() == pytest.approx(
-            loss.item(), abs=1e-6)
+            loss.item(), abs=1e-6
+        )

@@ -9,7 +9,7 @@ positions and the log-prob bookkeeping all matter.
 import pytest
 import torch
 
-from nanosrpo import attention, data, engine, grpo, model, synthetic, tiny
+from nanosrpo import attention, data, engine, forward, model, synthetic, tiny
 
 
 # ----------------------------------------------------------------------------------------------------- by hand
@@ -58,7 +58,7 @@ def test_sample_draws_from_the_distribution_and_never_a_zero():
 
 # ----------------------------------------------------------------------------------------------------- tiny models
 def _groups(processor, text_only: bool, completions=(3, 2)):
-    """GRPO samples as rollout.collect makes them: two groups with prompts of different lengths (VL: images of
+    """GRPO samples as rollout.training_samples makes them: two groups with prompts of different lengths (VL: images of
     different sizes), completions of uneven lengths."""
     from nanosrpo import prompts as P
 
@@ -66,14 +66,29 @@ def _groups(processor, text_only: bool, completions=(3, 2)):
     samples = []
     for g, (difficulty, idx, n) in enumerate([(1, 0, completions[0]), (3, 1, completions[1])]):
         prob = synthetic.make_problem(seed=0, difficulty=difficulty, idx=idx)
-        rec = {"question": prob.question + " please" * (2 * g), "images": [] if text_only else ["grid.png"], "choices": None}
-        text = processor.apply_chat_template(data.prompt_messages(rec, P.SRPO_SYSTEM), tokenize=False, add_generation_prompt=True)
+        rec = {
+            "question": prob.question + " please" * (2 * g),
+            "images": [] if text_only else ["grid.png"],
+            "choices": None,
+        }
+        text = processor.apply_chat_template(
+            data.prompt_messages(rec, P.SRPO_SYSTEM), tokenize=False, add_generation_prompt=True
+        )
         images = [] if text_only else [synthetic.render(prob).resize((56 * (2 + g), 56 * 2))]
         prompt = data.encode(processor, text, images)
         for j in range(n):
-            completion = tok(synthetic.one_round(prob)[: 9 + 13 * j] + "<|im_end|>", add_special_tokens=False)["input_ids"]
-            samples.append({"input_ids": prompt + completion, "loss_mask": [0] * len(prompt) + [1] * len(completion),
-                            "images": images, "group": g, "prompt_len": len(prompt)})
+            completion = tok(synthetic.one_round(prob)[: 9 + 13 * j] + "<|im_end|>", add_special_tokens=False)[
+                "input_ids"
+            ]
+            samples.append(
+                {
+                    "input_ids": prompt + completion,
+                    "loss_mask": [0] * len(prompt) + [1] * len(completion),
+                    "images": images,
+                    "group": g,
+                    "prompt_len": len(prompt),
+                }
+            )
     return samples
 
 
@@ -94,11 +109,12 @@ def world(request, tmp_path_factory):
 
 
 def test_ordinary_batches_are_plain_sdpa(world):
-    """load_policy routes attention through nanosrpo.attention; without a layout it is transformers' sdpa, bit for bit."""
+    """load_policy routes attention through nanosrpo.attention; without a layout it is transformers' sdpa, bit for
+    bit."""
     policy, processor = world["policy"], world["processor"]
     assert model.shares_prompts(policy)
     batch = data.collate(processor, world["samples"])
-    inputs = {k: v for k, v in batch.items() if k in grpo.MODEL_INPUT_KEYS}
+    inputs = {k: v for k, v in batch.items() if k in forward.MODEL_INPUT_KEYS}
     with torch.no_grad():
         ours = policy(**inputs).logits
         policy.set_attn_implementation({"text_config": "sdpa"} if world["vl"] else "sdpa")
@@ -135,7 +151,7 @@ def test_shared_logprobs_and_gradients_equal_padded(world, checkpointing):
     try:
         results = []
         for batch in (padded, shared):
-            lp = grpo.sequence_logprobs(policy, batch, chunk_size=29)
+            lp = forward.sequence_logprobs(policy, batch, chunk_size=29)
             loss = (lp * weights * batch["loss_mask"]).sum()
             results.append((lp, torch.autograd.grad(loss, params, allow_unused=True)))
     finally:
@@ -166,7 +182,7 @@ def test_micro_batches_shared_and_reference_rows(world):
     padded = list(data.micro_batches(samples, 2, processor, "cpu", order))
     rows = {}
     for name, batches in (("padded", padded), ("shared", shared)):
-        rows[name] = dict(zip(order, grpo.logprobs_by_sample(policy, batches)))
+        rows[name] = dict(zip(order, forward.logprobs_by_sample(policy, batches)))
     for i, s in enumerate(samples):
         m = torch.tensor(s["loss_mask"]).bool()
         assert rows["shared"][i].shape == rows["padded"][i].shape == (len(s["input_ids"]),)
@@ -182,7 +198,7 @@ def test_decode_with_one_prompt_copy_equals_copies(world):
         if not prompts or s["prompt_len"] != len(prompts[-1]["ids"]):
             prompts.append({"ids": s["input_ids"][: s["prompt_len"]], "images": s["images"]})
     tok = data.tokenizer_of(processor)
-    stop, banned = [tok.convert_tokens_to_ids("<|im_end|>")], engine.banned_ids(tok)
+    stop, banned = [tok.convert_tokens_to_ids("<|im_end|>")], data.banned_ids(tok)
     first = engine.decode(policy, processor, prompts, 3, 10, stop, banned, greedy=True)
     stop.append(first[0][0][3])  # the first group's 4th token: its rows stop there, the other group's go on
     args = (policy, processor, prompts, 3, 10, stop, banned)

@@ -12,15 +12,40 @@ import time
 import pytest
 import torch
 
-from nanosrpo import config, data, engine, log, model, tiny
+from nanosrpo import config, data, log, model, tiny, vllm_engine
 from tests.conftest import ROOT
 
 REQUIRED = [
-    "step", "reward_mean", "reward_std", "reward_format", "reward_accuracy", "reward_reflection", "reward_effectiveness",
-    "reward_length", "accuracy", "first_accuracy", "wrong_to_right", "right_to_wrong", "right_to_right", "wrong_to_wrong",
-    "format_rate", "response_length_mean", "correct_length_mean", "incorrect_length_mean", "clip_ratio_low",
-    "clip_ratio_high", "ratio_capped", "kl", "loss", "grad_norm", "lr", "filtered_groups", "time_rollout_s",
-    "time_train_s", "time_sync_s", "tokens_per_s",
+    "step",
+    "reward_mean",
+    "reward_std",
+    "reward_format",
+    "reward_accuracy",
+    "reward_reflection",
+    "reward_effectiveness",
+    "reward_length",
+    "accuracy",
+    "first_accuracy",
+    "wrong_to_right",
+    "right_to_wrong",
+    "right_to_right",
+    "wrong_to_wrong",
+    "format_rate",
+    "response_length_mean",
+    "correct_length_mean",
+    "incorrect_length_mean",
+    "clip_ratio_low",
+    "clip_ratio_high",
+    "ratio_capped",
+    "kl",
+    "loss",
+    "grad_norm",
+    "lr",
+    "filtered_groups",
+    "time_rollout_s",
+    "time_train_s",
+    "time_sync_s",
+    "tokens_per_s",
 ]
 
 
@@ -33,8 +58,22 @@ def world(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     paths = tiny.ensure_world(str(cache), size="0.2m")
     out = tmp_path_factory.mktemp("sft")
-    train_sft.main(["--stage", "base", "--cache_dir", str(cache), "--tiny_size", "0.2m", "--max_steps", "200",
-                    "--lr", "3e-3", "--out_dir", str(out)])
+    train_sft.main(
+        [
+            "--stage",
+            "base",
+            "--cache_dir",
+            str(cache),
+            "--tiny_size",
+            "0.2m",
+            "--max_steps",
+            "200",
+            "--lr",
+            "3e-3",
+            "--out_dir",
+            str(out),
+        ]
+    )
     paths["policy"] = str(checkpoint_policy(out))
     return paths
 
@@ -47,9 +86,31 @@ def checkpoint_policy(out):
 
 def args(world, out_dir, *extra):
     return [
-        "--model", world["policy"], "--data", world["train"], "--eval_data", world["eval"], "--eval_size", "4",
-        "--rollout_batch_size", "2", "--group_size", "4", "--train_batch_size", "4", "--micro_batch_size", "2",
-        "--max_new_tokens", "64", "--out_dir", str(out_dir), "--plot", "false", "--eval_every", "2", *extra,
+        "--model",
+        world["policy"],
+        "--data",
+        world["train"],
+        "--eval_data",
+        world["eval"],
+        "--eval_size",
+        "4",
+        "--rollout_batch_size",
+        "2",
+        "--group_size",
+        "4",
+        "--train_batch_size",
+        "4",
+        "--micro_batch_size",
+        "2",
+        "--max_new_tokens",
+        "64",
+        "--out_dir",
+        str(out_dir),
+        "--plot",
+        "false",
+        "--eval_every",
+        "2",
+        *extra,
     ]
 
 
@@ -83,15 +144,27 @@ def test_end_to_end_metrics_samples_and_checkpoint(world, tmp_path, capsys):
     policy, processor = model.load_policy(str(tmp_path / "checkpoint-2" / "policy"))
     rec = data.load_rl_records(world["eval"])[0]
     prompt = data.render_prompt(rec, "hi", processor)
-    batch = data.collate(processor, [{"input_ids": prompt["ids"], "loss_mask": [0] * len(prompt["ids"]), "images": prompt["images"]}])
+    batch = data.collate(
+        processor, [{"input_ids": prompt["ids"], "loss_mask": [0] * len(prompt["ids"]), "images": prompt["images"]}]
+    )
     out = policy.generate(**{k: v for k, v in batch.items() if k not in ("loss_mask", "labels")}, max_new_tokens=4)
     assert out.shape[1] > batch["input_ids"].shape[1]
 
 
 def test_rollout_metrics_by_hand():
     def s(total, rounds, c1, c2, tokens):
-        return {"total": total, "format": 0.5, "accuracy": 0.5 * c1, "reflection": 0.25, "effectiveness": 0.0,
-                "length": 0.0, "rounds": rounds, "first_correct": c1, "final_correct": c2, "tokens": tokens}
+        return {
+            "total": total,
+            "format": 0.5,
+            "accuracy": 0.5 * c1,
+            "reflection": 0.25,
+            "effectiveness": 0.0,
+            "length": 0.0,
+            "rounds": rounds,
+            "first_correct": c1,
+            "final_correct": c2,
+            "tokens": tokens,
+        }
 
     m = log.rollout_metrics([s(1.0, 2, 0, 1, 10), s(2.0, 2, 1, 1, 20), s(0.0, 0, 0, 0, 30), s(1.0, 1, 1, 1, 40)])
     assert m["reward_mean"] == 1.0 and m["reward_std"] == pytest.approx((2 / 3) ** 0.5)
@@ -102,15 +175,24 @@ def test_rollout_metrics_by_hand():
 
 def test_ranks_read_disjoint_prompts_and_epochs_cover_the_data():
     n, world_size = 10, 2
-    per_rank = [[data.prompt_index(c * world_size + r, n, seed=0) for c in range(n // world_size)] for r in range(world_size)]
+    per_rank = [
+        [data.prompt_index(c * world_size + r, n, seed=0) for c in range(n // world_size)] for r in range(world_size)
+    ]
     assert not set(per_rank[0]) & set(per_rank[1])
     assert sorted(per_rank[0] + per_rank[1]) == list(range(n))  # one epoch: every record exactly once
     assert [data.prompt_index(p, n, 0) for p in range(n, 2 * n)] != [data.prompt_index(p, n, 0) for p in range(n)]
 
 
 def _run(cmd_args, env=None, **kw):
-    return subprocess.Popen([sys.executable, "train_grpo.py", *cmd_args], cwd=ROOT, env={**os.environ, **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "train_grpo.py", *cmd_args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 @pytest.mark.slow
@@ -153,11 +235,31 @@ def test_two_process_ddp(world, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # the README's CPU recipe: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 train_grpo.py
-    cmd = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "train_grpo.py",
-           *args(world, tmp_path, "--max_steps", "2", "--save_every", "2", "--rollout_batch_size", "4")]
-    p = subprocess.run([sys.executable, *cmd], cwd=ROOT, env={**os.environ, "ACCELERATE_USE_CPU": "true"},
-                       capture_output=True, text=True, timeout=900)
+    cmd = [
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        "train_grpo.py",
+        *args(world, tmp_path, "--max_steps", "2", "--save_every", "2", "--rollout_batch_size", "4"),
+    ]
+    p = subprocess.run(
+        [sys.executable, *cmd],
+        cwd=ROOT,
+        env={**os.environ, "ACCELERATE_USE_CPU": "true"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [r for r in read(tmp_path / "metrics.jsonl") if "reward_mean" in r]
     assert [r["step"] for r in rows] == [1, 2]
@@ -169,16 +271,31 @@ def test_plots_draw_the_training_dynamics(tmp_path):
     from nanosrpo import plots
 
     rows = [{"step": 0, "eval_accuracy": 0.2}] + [
-        {"step": s, "reward_mean": 0.1 * s, "accuracy": 0.1 * s, "first_accuracy": 0.05 * s, "loss": 0.01,
-         "correct_length_mean": 50, "incorrect_length_mean": 60, "response_length_mean": 55, "wrong_to_right": 0.1,
-         "right_to_wrong": 0.05, "clip_ratio_low": 0.0, "clip_ratio_high": 0.01} for s in range(1, 5)
+        {
+            "step": s,
+            "reward_mean": 0.1 * s,
+            "accuracy": 0.1 * s,
+            "first_accuracy": 0.05 * s,
+            "loss": 0.01,
+            "correct_length_mean": 50,
+            "incorrect_length_mean": 60,
+            "response_length_mean": 55,
+            "wrong_to_right": 0.1,
+            "right_to_wrong": 0.05,
+            "clip_ratio_low": 0.0,
+            "clip_ratio_high": 0.01,
+        }
+        for s in range(1, 5)
     ]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = plots.plot_run(tmp_path)
     assert out is not None and out.stat().st_size > 10_000
     # the comparison figure of bench/miniature.py: one curve per arm, averaged over its runs
-    fig = plots.plot_comparison({"a": [tmp_path], "b": [tmp_path, tmp_path]}, [("reward", "reward_mean"),
-                                ("eval", "eval_accuracy")], tmp_path / "figs" / "cmp.png")
+    fig = plots.plot_comparison(
+        {"a": [tmp_path], "b": [tmp_path, tmp_path]},
+        [("reward", "reward_mean"), ("eval", "eval_accuracy")],
+        tmp_path / "figs" / "cmp.png",
+    )
     assert fig is not None and fig.stat().st_size > 5_000
 
 
@@ -198,8 +315,10 @@ def steps_of(out_dir):
 def test_update_plan_refuses_uneven_splits():
     import train_grpo
 
-    cfg = config.parse(config.GRPOConfig, ["--rollout_batch_size", "4", "--group_size", "8", "--train_batch_size", "16",
-                                           "--ppo_epochs", "2"])
+    cfg = config.parse(
+        config.GRPOConfig,
+        ["--rollout_batch_size", "4", "--group_size", "8", "--train_batch_size", "16", "--ppo_epochs", "2"],
+    )
     assert config.grpo_update_plan(cfg, world=2) == (8, 4)  # 32 sequences: 2 updates of 16 (8 per process), x 2 epochs
     cfg.train_batch_size = 12  # 32 sequences are not a whole number of updates of 12
     with pytest.raises(SystemExit, match="not a whole number of updates of --train_batch_size 12"):
@@ -222,12 +341,15 @@ def test_gradient_checkpointing_recomputes_in_the_update(world, tmp_path, monkey
         counts.append(0)
         i = len(counts) - 1
         policy.model.language_model.layers[0].register_forward_pre_hook(
-            lambda mod, inp: counts.__setitem__(i, counts[i] + torch.is_grad_enabled()))
+            lambda mod, inp: counts.__setitem__(i, counts[i] + torch.is_grad_enabled())
+        )
         return policy, processor
 
     monkeypatch.setattr(model, "load_policy", spy)
     for ckpt in ("false", "true"):
-        train_grpo.main(args(world, tmp_path / ckpt, "--max_steps", "1", "--eval_every", "0", "--gradient_checkpointing", ckpt))
+        train_grpo.main(
+            args(world, tmp_path / ckpt, "--max_steps", "1", "--eval_every", "0", "--gradient_checkpointing", ckpt)
+        )
     # 8 sequences, 2 updates of 4, micro-batches of 2: 4 forwards with grad, each recomputed in backward when on
     assert counts == [4, 8]
 
@@ -237,8 +359,24 @@ def test_dynamic_sampling_that_cannot_fill_the_batch_warns(world, tmp_path, caps
 
     # no group can pass (mean accuracy 1, where all are right alike): every draw is filtered, the batch is topped up
     # at zero advantage
-    train_grpo.main(args(world, tmp_path, "--max_steps", "1", "--eval_every", "0", "--filter_accuracy", "true",
-                         "--filter_low", "1", "--filter_high", "1", "--max_draws", "3"))
+    train_grpo.main(
+        args(
+            world,
+            tmp_path,
+            "--max_steps",
+            "1",
+            "--eval_every",
+            "0",
+            "--filter_accuracy",
+            "true",
+            "--filter_low",
+            "1",
+            "--filter_high",
+            "1",
+            "--max_draws",
+            "3",
+        )
+    )
     (row,) = steps_of(tmp_path)
     assert (row["filtered_groups"], row["short_groups"]) == (6, 2)  # 3 draws x 2 prompts filtered; 2 groups short
     assert row["loss"] == 0 and row["grad_norm"] == 0  # zero advantages teach nothing
@@ -258,8 +396,21 @@ def test_epochs_count_passes_over_the_data(world, tmp_path):
     assert [r["step"] for r in steps_of(tmp_path / "plain")] == [1, 2, 3, 4]
     assert (tmp_path / "plain" / "checkpoint-4").exists()
     # dynamic sampling consumes 2 draws x 2 prompts = one pass per step: the 2 passes end after 2 steps
-    train_grpo.main(args(world, tmp_path / "filtered", *common, "--filter_accuracy", "true", "--filter_low", "1",
-                         "--filter_high", "1", "--max_draws", "2"))
+    train_grpo.main(
+        args(
+            world,
+            tmp_path / "filtered",
+            *common,
+            "--filter_accuracy",
+            "true",
+            "--filter_low",
+            "1",
+            "--filter_high",
+            "1",
+            "--max_draws",
+            "2",
+        )
+    )
     assert [r["step"] for r in steps_of(tmp_path / "filtered")] == [1, 2]
     assert (tmp_path / "filtered" / "checkpoint-2").exists()
 
@@ -267,8 +418,22 @@ def test_epochs_count_passes_over_the_data(world, tmp_path):
 def test_kl_to_the_frozen_reference(world, tmp_path):
     import train_grpo
 
-    train_grpo.main(args(world, tmp_path, "--max_steps", "2", "--eval_every", "0", "--kl_coef", "0.1", "--lr", "1e-3",
-                         "--rollout_batch_size", "4"))
+    train_grpo.main(
+        args(
+            world,
+            tmp_path,
+            "--max_steps",
+            "2",
+            "--eval_every",
+            "0",
+            "--kl_coef",
+            "0.1",
+            "--lr",
+            "1e-3",
+            "--rollout_batch_size",
+            "4",
+        )
+    )
     rows = steps_of(tmp_path)
     assert rows[0]["kl"] >= 0 and rows[-1]["kl"] > 0  # once the policy has moved, it differs from the frozen reference
     assert any(r["grad_norm"] > 0 for r in rows)
@@ -277,8 +442,22 @@ def test_kl_to_the_frozen_reference(world, tmp_path):
 def test_ppo_epochs_move_the_ratio_and_clip(world, tmp_path):
     import train_grpo
 
-    train_grpo.main(args(world, tmp_path, "--max_steps", "1", "--eval_every", "0", "--ppo_epochs", "2", "--lr", "1e-2",
-                         "--ratio_cap", "1.25"))
+    train_grpo.main(
+        args(
+            world,
+            tmp_path,
+            "--max_steps",
+            "1",
+            "--eval_every",
+            "0",
+            "--ppo_epochs",
+            "2",
+            "--lr",
+            "1e-2",
+            "--ratio_cap",
+            "1.25",
+        )
+    )
     (row,) = steps_of(tmp_path)
     assert row["clip_ratio_low"] + row["clip_ratio_high"] > 0  # later updates are off-policy: ratio != 1, clipped
     assert 0 <= row["ratio_capped"] <= 1 and math.isfinite(row["loss"])  # logged; how often depends on the run
@@ -308,13 +487,21 @@ def test_hub_id_resolves_once_to_the_local_snapshot(tiny_dir, tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abcd")
     with pytest.raises(FileNotFoundError):
-        engine._model_config("someone/tiny-vl")  # what a raw hub id does to the engine
-    code = ("from nanosrpo import config, engine, tiny\n"
-            "cfg = config.parse(config.GRPOConfig, ['--model', 'someone/tiny-vl', '--data', 'x', '--eval_data', ''])\n"
-            "path = tiny.resolve(cfg)['model']\n"
-            "print(path, engine._model_config(path)['model_type'])")
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+        vllm_engine._model_config("someone/tiny-vl")  # what a raw hub id does to the engine
+    code = (
+        "from nanosrpo import config, tiny, vllm_engine\n"
+        "cfg = config.parse(config.GRPOConfig, ['--model', 'someone/tiny-vl', '--data', 'x', '--eval_data', ''])\n"
+        "path = tiny.resolve(cfg)['model']\n"
+        "print(path, vllm_engine._model_config(path)['model_type'])"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"},
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     path, model_type = p.stdout.split()[-2:]
     assert os.path.samefile(path, snapshot) and model_type == "qwen2_5_vl"
@@ -333,7 +520,7 @@ def test_prompt_cap_and_pixel_bounds(tiny_dir, tmp_path):
     # and the vLLM engine reads the same bound back from the processor
     model.set_pixel_bounds(processor, max_pixels=56 * 56)
     assert len(rollout.render(rec, "sys", processor, 0)["ids"]) == n - 12
-    assert engine.pixel_bounds(processor)["max_pixels"] == 56 * 56
+    assert model.pixel_bounds(processor)["max_pixels"] == 56 * 56
 
 
 def _response(first: bool, second: bool | None = None) -> str:
@@ -405,8 +592,10 @@ class _Engine:
         self.texts, self.calls = texts, 0
 
     def generate(self, prompts, n, *_, **__):
-        out = [[{"ids": [7] * (3 + j), "text": t, "logprobs": None} for j, t in enumerate(group)]
-               for group in self.texts[self.calls]]
+        out = [
+            [{"ids": [7] * (3 + j), "text": t, "logprobs": None} for j, t in enumerate(group)]
+            for group in self.texts[self.calls]
+        ]
         self.calls += 1
         return out
 
@@ -422,21 +611,25 @@ def test_top_up_groups_are_not_learned_and_not_counted(monkeypatch):
     """Dynamic sampling that runs short: 2 draws of 2 prompts, only the first group passes the filter, so the batch is
     that group plus one top-up. The top-up's loss mask is 0 everywhere: it adds nothing to the loss and nothing to its
     denominator, so the update is the kept group's alone (the reference trains only on full batches)."""
-    from nanosrpo import rewards, rollout
+    from nanosrpo import grpo, rewards, rollout
 
     monkeypatch.setattr(rollout, "render", lambda rec, *_: {"ids": [1, 2], "images": []})  # 2 prompt tokens
     mixed, wrong = [_response(False, True), _response(False, False)], [_response(False, False)] * 2
     engine = _Engine([[mixed, wrong], [wrong, wrong]])
     records = [{"id": str(i), "answer": "21", "choices": None} for i in range(8)]
-    cfg = config.parse(config.GRPOConfig, ["--rollout_batch_size", "2", "--group_size", "2", "--filter_accuracy",
-                                           "true", "--max_draws", "2"])
-    batch = rollout.collect(engine, records, 0, cfg, lambda text, rec: rewards.srpo_reward(text, "21"), "sys", None,
-                            _Accelerator())
-    assert (batch["filtered"], batch["short"]) == (3, 1)
-    samples = batch["samples"]
+    cfg = config.parse(
+        config.GRPOConfig,
+        ["--rollout_batch_size", "2", "--group_size", "2", "--filter_accuracy", "true", "--max_draws", "2"],
+    )
+    batch = rollout.collect(
+        engine, records, 0, cfg, lambda text, rec: rewards.srpo_reward(text, "21"), "sys", None, _Accelerator()
+    )
+    assert (batch["filtered"], batch["short"], batch["kept"]) == (3, 1, 1)
+    samples = rollout.training_samples(batch, grpo.group_advantages(batch["rewards"], cfg.group_size))
     # completions of 3 and 4 tokens after a 2-token prompt; the kept group learns them, the top-up nothing
     assert [s["loss_mask"] for s in samples] == [[0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1], [0] * 5, [0] * 6]
-    assert batch["advantages"][2:].tolist() == [0.0, 0.0] and batch["advantages"][0] > 0 > batch["advantages"][1]
+    advantages = [s["advantage"] for s in samples]
+    assert advantages[2:] == [0.0, 0.0] and advantages[0] > 0 > advantages[1]
     # the update's denominator: 7 tokens (token-mean) or 2 sequences (seq-mean), not 18 or 4
     assert rollout.loss_count(samples, [0, 1, 2, 3], "token-mean") == 7
     assert rollout.loss_count(samples, [3, 2, 1, 0], "seq-mean-token-mean") == 2
@@ -457,7 +650,7 @@ def test_an_update_with_top_ups_is_the_kept_groups_update(aggregation):
     adv[6:] = 0.0
     lengths = [2, 6, 3, 4, 5, 1, 6, 3]
     mask = torch.tensor([[0] + [int(t < n) for t in range(T - 1)] for n in lengths], dtype=torch.float64)
-    mask[6:] = 0.0  # what rollout.collect gives a top-up group
+    mask[6:] = 0.0  # what rollout.training_samples gives a top-up group
     samples = [{"loss_mask": row.long().tolist()} for row in mask]
     kw = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.1, aggregation=aggregation, max_len=T)
 
@@ -468,8 +661,9 @@ def test_an_update_with_top_ups_is_the_kept_groups_update(aggregation):
     assert normalizer == (float(mask.sum()) if aggregation == "token-mean" else 6.0)
     lp = logprobs.clone().requires_grad_()
     for mb in ([0, 6, 1, 2], [7, 3, 4, 5]):  # top-ups spread over the micro-batches
-        loss, _ = grpo.policy_loss(lp[mb], old[mb], adv[mb], mask[mb], ref_logprobs=ref[mb], normalizer=normalizer,
-                                   **kw)
+        loss, _ = grpo.policy_loss(
+            lp[mb], old[mb], adv[mb], mask[mb], ref_logprobs=ref[mb], normalizer=normalizer, **kw
+        )
         loss.backward()
     torch.testing.assert_close(lp.grad[:6], want)
     assert torch.equal(lp.grad[6:], torch.zeros(2, T, dtype=lp.grad.dtype))

