@@ -112,7 +112,7 @@ def markdown(name: str, res: dict) -> str:
         "",
         "`accuracy` is the official figure (the benchmark's own rule-based scoring on the "
         "extracted final answer); `strict_accuracy` is the strict one (no credit where that rule had to guess: "
-        "no usable answer). README, Evaluation.",
+        "no usable answer). docs/evaluate.md.",
         "",
         "| metric | value |",
         "|---|---:|",

@@ -1,4 +1,4 @@
-"""Sampled (temperature 1.0) accuracy and format of a policy on RL-layout records: the README's SFT figures.
+"""Sampled (temperature 1.0) accuracy and format of a policy on RL-layout records: the SFT figures of docs/train_sft.md.
 
     python bench/sampled_accuracy.py out/tiny/1m/base    out/tiny/1m/data/eval.jsonl
     python bench/sampled_accuracy.py out/tiny/1m/reflect out/tiny/1m/data/eval.jsonl --reflect

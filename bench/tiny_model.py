@@ -1,4 +1,4 @@
-"""Figures for the README: tiny model sizes, build time, and forward+backward time of 8 sequences with one image each.
+"""Figures for docs/tiny_world.md: tiny model sizes, build time, forward+backward time of 8 one-image sequences.
 
 python bench/tiny_model.py
 """

@@ -32,7 +32,7 @@ The random-init twin writes no answer tags, so its rewards (and advantages, and 
 sides: the arithmetic of the step is all done, but the reward path stops early and the weights do not move; pass a
 trained checkpoint with --model for rewards and curves that mean something, with room for its answers, e.g. the text
 twin's reflection cold start (tiny.ensure_policy(cache_dir, "1m", text_only=True, stage="reflect",
-reflect_data="synthetic")) with --max_new_tokens 192 (README, Performance).
+reflect_data="synthetic")) with --max_new_tokens 192 (docs/performance.md).
 nanosrpo runs through its own script, train_grpo.main, with flags; its times are the step's own metrics.jsonl
 (time_rollout_s: prompts -> completions -> rewards -> advantages; time_train_s: the update; time_sync_s: engine sync,
 0 for transformers). TRL runs GRPOTrainer.train(); its rollout is the time spent in _generate_and_score_completions

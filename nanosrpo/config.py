@@ -211,7 +211,7 @@ class GRPOConfig(EngineConfig, TrainConfig):
     rollout_batch_size: int = field(default=8, metadata={"help": "prompts per step, all processes together"})
     # The tiny run samples at 0.7, not the paper's 1.0 (the preset's): at 1.0 the tiny policy slips far more often than
     # under the greedy eval, so RL tunes the reflection's verdict for a mix of first answers that greedy decoding never
-    # produces (README, "Where SRPO learns and where it does not").
+    # produces (docs/results.md, "How the tiny defaults were found").
     temperature: float = _default(EngineConfig, "temperature", 0.7)
     filter_accuracy: bool = field(
         default=False,
@@ -243,7 +243,7 @@ class GRPOConfig(EngineConfig, TrainConfig):
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each step's rollouts"})
     lr: float = _default(
         TrainConfig, "lr", 2e-5
-    )  # the tiny default run (README, "the default run"); the preset sets 1e-6
+    )  # the tiny default run (docs/results.md); the preset sets 1e-6
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     warmup_ratio: float = _default(TrainConfig, "warmup_ratio", 0.03)

@@ -5,7 +5,7 @@
         -> for each prompt, n completions {"ids": token ids as sampled (incl. the stop token), "text", "logprobs"}
     engine.sync(model) -> seconds     push the trainer's current weights into the engine
 
-Three facts a reader needs (the README's vLLM section has the details and how they were verified):
+Three facts a reader needs (docs/vllm.md has the details and how they were verified):
 - The training loop never re-tokenises decoded text: it trains on exactly the ids the engine sampled.
 - TransformersEngine samples on the trainer's own module (its own decode loop, same numbers as `model.generate`),
   so its sync is a no-op.

@@ -523,7 +523,7 @@ def _released_letter_fallback(block: str, gold_parsed: list) -> bool:
 
 
 def _code_reward(response, answer, count_tokens, alpha) -> dict[str, float]:
-    """The released reward, quirks included (the README's reward section lists them):
+    """The released reward, quirks included (docs/reward.md lists them):
     - fewer than two `<think>...</think>` or two `<answer>...</answer>` matches: every term 0 (the released length
       function crashed on them and the whole reward fell back to 0), so a one-round response scores nothing;
     - accuracy merges correctness and effectiveness (CODE_ACC) on the first and the last answer block, judged by

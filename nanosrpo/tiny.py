@@ -287,7 +287,7 @@ def ensure_policy(
               truth, and mixes them 30/70; then the base is trained on that. With reflect_data="synthetic" (cached as
               <world>/reflect) it trains instead on data/sft_reflect.jsonl, two-round records whose first attempts
               have invented flaws: quicker to build (no curation), but RL from it does not raise the greedy eval
-              (README, "Where SRPO learns and where it does not").
+              (docs/results.md, "How the tiny defaults were found").
     Each is `python train_sft.py --stage STAGE` with the RECIPE's flags, cached as
     <world>/base and <world>/reflect[-curated] (save_pretrained dirs; the runs' metrics.jsonl and run.json stay in
     <world>/<name>-run). Delete those to rebuild. Call on one process at a time (accelerator.main_process_first()).

@@ -5,7 +5,7 @@
 
 The sync streams model.trainer_weights (one full tensor at a time, gathered from FSDP shards, cast to the engine's
 dtype) through `collective_rpc("reload_weights", weights_iterator=...)`: no disk, no second model copy. vLLM is
-imported only when an engine is built (engine.make, --engine vllm); the README's vLLM section says how it was checked.
+imported only when an engine is built (engine.make, --engine vllm); docs/vllm.md says how it was checked.
 """
 
 import contextlib

@@ -234,7 +234,7 @@ def test_two_process_ddp(world, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # the README's CPU recipe: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 train_grpo.py
+    # docs/scale.md's CPU recipe: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 train_grpo.py
     cmd = [
         "-m",
         "accelerate.commands.launch",
