@@ -241,9 +241,7 @@ class GRPOConfig(EngineConfig, TrainConfig):
         },
     )
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each step's rollouts"})
-    lr: float = _default(
-        TrainConfig, "lr", 2e-5
-    )  # the tiny default run (docs/results.md); the preset sets 1e-6
+    lr: float = _default(TrainConfig, "lr", 2e-5)  # the tiny default run (docs/results.md); the preset sets 1e-6
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     warmup_ratio: float = _default(TrainConfig, "warmup_ratio", 0.03)
