@@ -312,18 +312,8 @@ def main(argv=None):
     return results
 
 
-SUMMARY_KEYS = (
-    "n",
-    "accuracy",
-    "strict_accuracy",
-    "first_accuracy",
-    "format_rate",
-    "wrong_to_right",
-    "right_to_wrong",
-    "right_to_right",
-    "wrong_to_wrong",
-    "mean_response_tokens",
-)
+# evaluation.KEYS (what the training eval logs) with the sample count and the strict accuracy beside the official one
+SUMMARY_KEYS = ("n", "accuracy", "strict_accuracy", *evaluation.KEYS[1:])
 
 
 def write_summary(out_root: Path, results: dict) -> None:
