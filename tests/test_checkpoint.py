@@ -157,10 +157,13 @@ def test_ensure_policy_builds_both_stages_single_process(tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)  # a child that joined this "process group" would hang or fail
     path = tiny.ensure_policy(str(tmp_path), size="0.2m", stage="reflect")
     root = tiny.world_dir(str(tmp_path), "0.2m", False)
-    # the default cold start is SRPO's stage 1: curate.py on the base's own attempts, then SFT on its 30/70 mix
+    # the default cold start is SRPO's stage 1: curate.py on the base's own attempts, then SFT on all of them (own mix)
     assert Path(path) == root / "reflect-curated" and (root / "base" / "config.json").exists()
     summary = json.loads((root / "curate" / "summary.json").read_text())
-    assert summary["steps"]["build"]["train"] > 0 and (root / "curate" / "sft_train.jsonl").exists()
+    build = summary["steps"]["build"]
+    assert build["train"] > 0 and (root / "curate" / "sft_train.jsonl").exists()
+    assert build["correct_and_refined"] == build["available"]["correct"]  # tiny.CURATE: every attempt kept
+    assert build["flawed_and_revised"] == build["available"]["flawed"]
     run = json.loads((root / "reflect-curated-run" / "run.json").read_text())
     assert run["config"]["data"] == str(root / "curate" / "sft_train.jsonl")  # trained on the curated records
     for stage in ("base", "reflect-curated"):
