@@ -15,8 +15,10 @@ Three steps (`--steps answer,reflect,build`), each resumable: it skips what an e
   3. build    two-round SFT records <think>R1</think> <answer>A1</answer> <reflection>F</reflection> <think>R2</think>
               <answer>A2</answer>, R1/A1 the policy's attempt verbatim, mixed --correct_fraction correct-and-refined
               (paper: 30%) to flawed-and-revised (--own_mix: every attempt, the policy's own share); a train/val
-              split by question; messages and sharegpt layouts.
-              -> <out_dir>/sft_{train,val}.jsonl, sft_{train,val}_sharegpt.jsonl
+              split by question; messages and sharegpt layouts. Beside them, the same records as plain one-round
+              chains of thought (the paper's plain-CoT SFT baseline, Table 3): a correct attempt verbatim, a flawed
+              one replaced by the teacher's corrected second round, under the one-round prompt.
+              -> <out_dir>/sft_{train,val}.jsonl, sft_{train,val}_sharegpt.jsonl, sft_{train,val}_cot.jsonl
 Then <out_dir>/summary.json: counts per step, drops by reason, the mix achieved, teacher tokens and cost, the files.
 
 Input (--data): the project's RL layout {"id", "question", "image", "answer", "choices"}, LLaVA-CoT-100k's
@@ -327,6 +329,13 @@ def two_round(attempt: str, refl: dict) -> str:
     return text
 
 
+def one_round(attempt: str, correct: bool, refl: dict) -> str:
+    """The plain-CoT twin of a two-round record: the attempt itself if it was right, else the corrected round."""
+    text = attempt.strip() if correct else f"<think>{refl['think']}</think> <answer>{refl['answer']}</answer>"
+    assert rewards.parse_response(text).rounds == 1, text
+    return text
+
+
 def sft_records(rec: dict, key: str, response: str) -> tuple[dict, dict]:
     """The same example in both layouts train_sft.py reads: messages (image parts) and sharegpt (<image> + images)."""
     msgs = data.prompt_messages(rec, prompts.SRPO_SYSTEM) + [{"role": "assistant", "content": response}]
@@ -356,7 +365,8 @@ def build(cfg, out: Path) -> dict:
     rng = random.Random(cfg.seed)
     chosen = rng.sample(correct, k) + rng.sample(flawed, m)
     rng.shuffle(chosen)
-    files = {name: out / f"sft_{name}.jsonl" for name in ("train", "val", "train_sharegpt", "val_sharegpt")}
+    names = ("train", "val", "train_sharegpt", "val_sharegpt", "train_cot", "val_cot")
+    files = {name: out / f"sft_{name}.jsonl" for name in names}
     handles = {name: open(p.with_suffix(".jsonl.tmp"), "w") for name, p in files.items()}
     sizes = {"train": 0, "val": 0}
     for r in chosen:
@@ -365,6 +375,9 @@ def build(cfg, out: Path) -> dict:
         split = "val" if is_val(a["id"], cfg.val_fraction) else "train"
         handles[split].write(json.dumps(msgs) + "\n")
         handles[f"{split}_sharegpt"].write(json.dumps(sharegpt) + "\n")
+        cot = data.prompt_messages(a["record"], prompts.GRPO_SYSTEM)
+        cot.append({"role": "assistant", "content": one_round(a["response"], a["correct"], r)})
+        handles[f"{split}_cot"].write(json.dumps({"id": r["key"], "messages": cot}) + "\n")
         sizes[split] += 1
     for name, h in handles.items():
         h.close()

@@ -201,7 +201,10 @@ class GRPOConfig(EngineConfig, TrainConfig):
     # --- the reward (rewards.srpo_reward)
     reward_variant: str = field(
         default="paper",
-        metadata={"help": "paper (SRPO Eqs. 4-8), code (the released reward), grpo (one-round baseline)"},
+        metadata={
+            "help": "paper (SRPO Eqs. 4-8), code (the released reward), grpo (one-round baseline), "
+            "two_step (two rounds, format + final-answer accuracy: Table 3's GRPO + two-step thinking)"
+        },
     )
     alpha: float = field(default=0.1, metadata={"help": "weight of the length reward f_len"})
     use_effectiveness: bool = field(default=True, metadata={"help": "ablation: keep the I_eff term (paper Table 4)"})

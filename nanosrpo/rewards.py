@@ -12,7 +12,9 @@ and a one-round response is just `<think>R1</think> <answer>A1</answer>`. The re
 Three variants are implemented side by side so they can be compared in ablations:
   "paper" - the equations as written in the paper (the default),
   "code"  - what the released OpenRLHF reward function actually computed,
-  "grpo"  - the plain one-round GRPO baseline (format + accuracy).
+  "grpo"  - the plain one-round GRPO baseline (format + accuracy),
+  "two_step" - the paper's "GRPO + two-step thinking" baseline (Table 3): the two-round format and the final
+            answer's accuracy only (no I_ref, no I_eff, no f_len).
 
 Pure Python on purpose: it runs in reward workers and in tests, with no torch.
 """
@@ -409,7 +411,12 @@ I_EFF = {(True, True): 0.25, (False, True): 0.5, (False, False): 0.0, (True, Fal
 # Note the ranking flips vs. the paper: wrong->right (1.0) beats right->right (0.75).
 CODE_ACC = {(True, True): 0.75, (False, True): 1.0, (False, False): 0.0, (True, False): 0.25}
 # The largest "accuracy" term of each variant: the accuracy filter compares accuracy / ACCURACY_MAX with its bounds.
-ACCURACY_MAX = {"paper": R_ACCURACY, "code": max(CODE_ACC.values()), "grpo": R_ACCURACY_GRPO}
+ACCURACY_MAX = {
+    "paper": R_ACCURACY,
+    "code": max(CODE_ACC.values()),
+    "grpo": R_ACCURACY_GRPO,
+    "two_step": R_ACCURACY_GRPO,
+}
 
 
 def count_words(s: str) -> int:
@@ -448,7 +455,7 @@ def srpo_reward(
     use_length: bool = True,
 ) -> dict[str, float]:
     """Score one rollout against the gold `answer`. Returns the KEYS, total = sum of the rest."""
-    if variant not in ("paper", "code", "grpo"):
+    if variant not in ACCURACY_MAX:
         raise ValueError(f"unknown reward variant {variant!r}")
     if variant != "paper" and not (use_effectiveness and use_length):
         # the Table 4 ablations are defined on the paper's reward; silently ignoring them is worse
@@ -463,6 +470,10 @@ def srpo_reward(
         if p.rounds != 1:
             return _scores()
         return _scores(R_FORMAT, R_ACCURACY_GRPO * is_correct(p.answer1, answer, choices))
+    if variant == "two_step":  # GRPO's reward on the final answer of the two-round format: what SRPO adds, removed
+        if p.rounds != 2:
+            return _scores()
+        return _scores(R_FORMAT, R_ACCURACY_GRPO * is_correct(p.answer2, answer, choices))
 
     # paper, Eqs. 4-8
     if p.rounds == 0:

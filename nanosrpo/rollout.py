@@ -101,7 +101,7 @@ def accuracy_score(score: dict, cfg) -> float:
     answer 2/3 right and 0 wrong. So a group whose first answers are all wrong (or all right) but whose reflections
     fix (or break) some of them keeps a mean inside the bounds: these are the groups that teach reflection.
     Without I_eff (--use_effectiveness false) the reward has no term on the second answer, and the score is the first
-    answer's 0 / 1. Released code: its merged 0 / 0.25 / 0.75 / 1. GRPO: 0 / 1.
+    answer's 0 / 1. Released code: its merged 0 / 0.25 / 0.75 / 1. GRPO: 0 / 1; two-step: the final answer's 0 / 1.
     """
     top = rewards.ACCURACY_MAX[cfg.reward_variant]
     if cfg.reward_variant == "paper" and cfg.use_effectiveness:  # the largest R_acc + I_eff: right->right, 0.75

@@ -280,9 +280,14 @@ CURATE = ["--own_mix", "true"]
 
 
 def ensure_policy(
-    cache_dir: str, size: str = "1m", text_only: bool = False, stage: str = "reflect", reflect_data: str = "curated"
+    cache_dir: str,
+    size: str = "1m",
+    text_only: bool = False,
+    stage: str = "reflect",
+    reflect_data: str = "curated",
+    seed: int = 0,
 ) -> str:
-    """Path of the tiny world's base (stage="base") or reflection-SFT (stage="reflect") policy, trained on first use.
+    """Path of one of the tiny world's trained policies, trained on first use.
 
     base    = the random init trained on data/sft_base.jsonl (one-round chains): the stand-in for a pretrained model
     reflect = the reflection cold start, SRPO's stage 1 for real (the default, reflect_data="curated", cached as
@@ -292,58 +297,57 @@ def ensure_policy(
               reflect_data="synthetic" (cached as <world>/reflect) it trains instead on data/sft_reflect.jsonl,
               two-round records whose first attempts have invented flaws: quicker to build (no curation), but RL
               from it does not raise the greedy eval (docs/results.md, "How the tiny defaults were found").
-    Each is `python train_sft.py --stage STAGE` with the RECIPE's flags, cached as
-    <world>/base and <world>/reflect[-curated] (save_pretrained dirs; the runs' metrics.jsonl and run.json stay in
-    <world>/<name>-run). Delete those to rebuild. Call on one process at a time (accelerator.main_process_first()).
+    cot     = the plain-CoT SFT baseline (paper Table 3), cached as <world>/cot-curated: the base trained with the
+              reflect recipe on the one-round twins of the same curated records (curate.py's sft_train_cot.jsonl).
+    seed    = the pipeline seed (bench/miniature.py): the base build, curate.py's draws and the SFT all take it.
+              Seed 0 is the default world's (the names above); seed S > 0 appends -sS to every name (base-s1/,
+              curate-s1/, reflect-curated-s1/, ...).
+    Each is `python train_sft.py` with the RECIPE's flags, cached as <world>/<name> (save_pretrained dirs; the runs'
+    metrics.jsonl and run.json stay in <world>/<name>-run). Delete those to rebuild. Call on one process at a time
+    (accelerator.main_process_first()).
     """
     import subprocess
     import sys
 
     from nanosrpo.checkpoint import latest_checkpoint
 
-    if stage not in ("base", "reflect"):
-        raise ValueError(f"stage must be 'base' or 'reflect', got {stage!r}")
+    if stage not in ("base", "reflect", "cot"):
+        raise ValueError(f"stage must be 'base', 'reflect' or 'cot', got {stage!r}")
     if reflect_data not in ("synthetic", "curated"):
         raise ValueError(f"reflect_data must be 'synthetic' or 'curated', got {reflect_data!r}")
     cache_dir = str(Path(cache_dir).resolve())  # the child runs in the repo root
     root = world_dir(cache_dir, size, text_only)
-    curated = stage == "reflect" and reflect_data == "curated"
-    dest = root / ("reflect-curated" if curated else stage)
+    curated = stage == "cot" or (stage == "reflect" and reflect_data == "curated")
+    suffix = f"-s{seed}" if seed else ""
+    name = {"base": "base", "reflect": "reflect-curated" if curated else "reflect", "cot": "cot-curated"}[stage]
+    dest = root / (name + suffix)
     if (dest / "config.json").exists():
         return str(dest)
     ensure_world(cache_dir, size, text_only)
-    if stage == "reflect":
-        ensure_policy(cache_dir, size, text_only, stage="base")
+    base = [] if stage == "base" else ["--model", ensure_policy(cache_dir, size, text_only, stage="base", seed=seed)]
     repo = Path(__file__).resolve().parent.parent
     run_dir, tmp = root / f"{dest.name}-run", root / f"{dest.name}-run.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     env = _child_env()
-    world = ["--cache_dir", cache_dir, "--tiny_size", size, "--text_only", str(text_only)]
+    world = ["--cache_dir", cache_dir, "--tiny_size", size, "--text_only", str(text_only), "--seed", str(seed)]
     sft_data = []
     if curated:  # SRPO stage 1 for real: the base answers, the oracle reflects (curate.py; resumable, so a killed
-        out = root / "curate"  # build picks up where it stopped)
-        if not (out / "sft_train.jsonl").exists():
-            cur = [sys.executable, str(repo / "curate.py"), *world, "--out_dir", str(out), *CURATE]
+        out = root / f"curate{suffix}"  # build picks up where it stopped)
+        sft_file = out / ("sft_train_cot.jsonl" if stage == "cot" else "sft_train.jsonl")
+        if not sft_file.exists():
+            cur = [sys.executable, str(repo / "curate.py"), *world, *base, "--out_dir", str(out), *CURATE]
             print(
                 f"curating the tiny reflection data once (curate.py: the base answers, the oracle reflects), "
                 f"cached in {out}",
                 flush=True,
             )
             subprocess.run(cur, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)  # its summary is in out/
-        sft_data = ["--data", str(out / "sft_train.jsonl")]
-    cmd = [
-        sys.executable,
-        str(repo / "train_sft.py"),
-        "--stage",
-        stage,
-        *world,
-        "--out_dir",
-        str(tmp),
-        *sft_data,
-        *RECIPE[stage],
-    ]
+        sft_data = ["--data", str(sft_file)]
+    flags = RECIPE["base" if stage == "base" else "reflect"]  # plain CoT: the cold start's steps and rate
+    cmd = [sys.executable, str(repo / "train_sft.py"), "--stage", "base" if stage == "base" else "reflect"]
+    cmd += [*world, *base, "--out_dir", str(tmp), *sft_data, *flags]
     print(
-        f"building the tiny {stage} policy once (train_sft.py --stage {stage} {' '.join(RECIPE[stage])}"
+        f"building the tiny {stage} policy once (train_sft.py {' '.join(flags)}"
         f"{' on the curated data' if curated else ''}), cached in {dest}",
         flush=True,
     )

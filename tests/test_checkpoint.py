@@ -173,6 +173,11 @@ def test_ensure_policy_builds_both_stages_single_process(tmp_path, monkeypatch):
         model.load_policy(str(root / stage))
     assert not list(root.glob("*.tmp"))
     assert tiny.ensure_policy(str(tmp_path), size="0.2m", stage="reflect") == path  # cached
+    # the plain-CoT baseline (bench/miniature.py): the same base and curated records, as one-round chains
+    cot = tiny.ensure_policy(str(tmp_path), size="0.2m", stage="cot")
+    run = json.loads((root / "cot-curated-run" / "run.json").read_text())
+    assert Path(cot) == root / "cot-curated" and run["config"]["data"] == str(root / "curate" / "sft_train_cot.jsonl")
+    assert run["config"]["model"] == str(root / "base") and run["config"]["max_steps"] == 1200
 
 
 @pytest.mark.slow

@@ -188,6 +188,18 @@ def test_reflect_and_build_with_the_oracle(tmp_path):
         p = curate.rewards.parse_response(text)
         assert p.rounds == 2 and p.answer2 == attempt["record"]["answer"]
         assert ("is wrong" in p.reflection) == (not attempt["correct"])
+    # the plain-CoT twins (Table 3's plain-CoT SFT): the same records in the same order, one round under the one-round
+    # prompt; a correct attempt verbatim, a flawed one replaced by the teacher's corrected round
+    cot = data.load_sft_records(summary["files"]["train_cot"]) + data.load_sft_records(summary["files"]["val_cot"])
+    assert [x["id"] for x in cot] == [x["id"] for x in recs]
+    for x, two in zip(cot, recs):
+        attempt, text = by_key[x["id"]], x["messages"][-1]["content"]
+        assert x["messages"][0]["content"] == curate.prompts.GRPO_SYSTEM and x["messages"][1] == two["messages"][1]
+        p, p2 = curate.rewards.parse_response(text), curate.rewards.parse_response(two["messages"][-1]["content"])
+        assert p.rounds == 1 and p.answer1 == attempt["record"]["answer"]
+        assert text == (
+            attempt["response"] if attempt["correct"] else f"<think>{p2.think2}</think> <answer>{p2.answer2}</answer>"
+        )
     # rerun: nothing left to do, same files
     again = curate.main(["--steps", "reflect,build", "--out_dir", str(out), "--val_fraction", "0.2"])
     assert again["steps"]["reflect"]["replies"] == 40 and again["files"] == summary["files"]

@@ -354,11 +354,22 @@ GRPO = {
     "malformed": ("<think>r</think> 21", scores()),
 }
 
+# Table 3's "GRPO + two-step thinking": the two-round format and the FINAL answer, nothing about the reflection
+TWO_STEP = {
+    "right->right": (RR, scores(1.5, 0.5, 1.0)),
+    "wrong->right": (WR, scores(1.5, 0.5, 1.0)),  # paid as right->right: no I_eff
+    "right->wrong": (RW, scores(0.5, 0.5)),  # the first answer does not count
+    "wrong->wrong": (WW, scores(0.5, 0.5)),
+    "one-round correct": (one("21"), scores()),  # only a well-formed two-round response is on-format
+    "malformed": ("<think>r</think> 21", scores()),
+}
+VARIANTS = (("paper", PAPER), ("code", CODE), ("grpo", GRPO), ("two_step", TWO_STEP))
+
 
 @pytest.mark.parametrize(
     "variant, response, want",
-    [(v, r, w) for v, table in (("paper", PAPER), ("code", CODE), ("grpo", GRPO)) for r, w in table.values()],
-    ids=[f"{v}: {k}" for v, table in (("paper", PAPER), ("code", CODE), ("grpo", GRPO)) for k in table],
+    [(v, r, w) for v, table in VARIANTS for r, w in table.values()],
+    ids=[f"{v}: {k}" for v, table in VARIANTS for k in table],
 )
 def test_srpo_reward(variant, response, want):
     assert_scores(srpo_reward(response, GOLD, count_tokens=words, variant=variant), want)
@@ -390,7 +401,12 @@ def test_ablations_zero_their_term(kwargs, key, response):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(variant="nope"), dict(variant="code", use_length=False), dict(variant="grpo", use_effectiveness=False)],
+    [
+        dict(variant="nope"),
+        dict(variant="code", use_length=False),
+        dict(variant="grpo", use_effectiveness=False),
+        dict(variant="two_step", use_length=False),
+    ],
 )
 def test_bad_config_raises(kwargs):
     with pytest.raises(ValueError):
