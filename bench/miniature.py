@@ -261,7 +261,9 @@ def compare(a: dict[int, float], b: dict[int, float]) -> str:
     diffs = [a[s] - b[s] for s in seeds]
     mean = 100 * sum(diffs) / len(diffs)
     lo_a, hi_a, lo_b, hi_b = min(a.values()), max(a.values()), min(b.values()), max(b.values())
-    if lo_a > hi_b:
+    if len(seeds) < 2:
+        verdict = "one seed, so no spread to judge it by"
+    elif lo_a > hi_b:
         verdict = "yes, beyond the spread of the seeds (the ranges do not overlap)"
     elif hi_a < lo_b:
         verdict = "no: the opposite, beyond the spread of the seeds"

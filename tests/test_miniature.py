@@ -51,6 +51,7 @@ def test_table_means_ranges_gains_and_comparisons(tmp_path):
         ({0: 0.6, 1: 0.7}, {0: 0.8, 1: 0.9}, "no: the opposite"),
         ({0: 0.6, 1: 0.9}, {0: 0.5, 1: 0.8}, "ahead on all 2 seeds, but within the spread"),
         ({0: 0.6, 1: 0.8}, {0: 0.7, 1: 0.7}, "no difference beyond the spread"),
+        ({0: 0.9}, {0: 0.5}, "one seed, so no spread"),
     ],
 )
 def test_compare_states_whether_a_gap_is_beyond_the_seeds(a, b, verdict):
