@@ -222,6 +222,7 @@ def show(m: dict, cfg, bar, shown: dict, eval0, accelerator, seconds: float) -> 
     if "eval_accuracy" in m:
         gain = "" if eval0 is None else f" ({m['eval_accuracy'] - eval0:+.3f} vs step 0)"
         shown["eval"] = f"{m['eval_accuracy']:.3f}{gain}"
+    bar.update(1)  # by hand, not `for step in bar`: the loop's last step `break`s, and the bar would end at N-1/N
     bar.set_postfix(reward=f"{m['reward_mean']:.2f}", acc=f"{m['accuracy']:.2f}", **shown, s=f"{seconds:.1f}")
 
 
@@ -287,10 +288,8 @@ def main(argv=None):
         metrics_log.write(m0)
         eval0 = m0["eval_accuracy"]
         shown["eval"] = f"{eval0:.3f}"
-    bar = tqdm(
-        range(start_step, max_steps), initial=start_step, total=max_steps, disable=not accelerator.is_main_process
-    )
-    for step in bar:
+    bar = tqdm(desc="grpo", initial=start_step, total=max_steps, disable=not accelerator.is_main_process)
+    for step in range(start_step, max_steps):
         t0 = time.time()
         # Seeded per (step, rank): a resumed run samples exactly what the uninterrupted run would have.
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + accelerator.process_index)
@@ -335,6 +334,7 @@ def main(argv=None):
         if last:  # max_steps, or `epochs` passes over the data (dynamic sampling gets there in fewer steps)
             break
 
+    bar.close()
     metrics_log.close()
     if accelerator.is_main_process and cfg.plot:
         from nanosrpo import plots

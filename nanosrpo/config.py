@@ -190,7 +190,10 @@ class GRPOConfig(EngineConfig, TrainConfig):
     )
     max_prompt_length: int = field(
         default=1024,
-        metadata={"help": "a rendered prompt (image tokens included) longer than this is an error naming the record"},
+        metadata={
+            "help": "a rendered prompt (image tokens included) longer than this is an error naming the record "
+            "(0: no cap)"
+        },
     )
     min_pixels: int = field(
         default=0, metadata={"help": "images are resized to at least this many pixels (0: the processor's own bound)"}
