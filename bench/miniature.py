@@ -337,7 +337,7 @@ def plot(out: Path, arms: list[str], seeds: list[int], sweep: dict) -> None:
             return []
         return [out / "runs" / name(s) for s in seeds if (out / "runs" / name(s) / "metrics.jsonl").exists()]
 
-    runs = {LABELS[a]: dirs(a) for a in ("grpo", "two_step", "srpo", "default") if a in arms}
+    runs = {LABELS[a].replace("**", ""): dirs(a) for a in ("grpo", "two_step", "srpo", "default") if a in arms}
     runs = {k: v for k, v in runs.items() if v}
     if not runs:
         return
@@ -354,7 +354,7 @@ def plot(out: Path, arms: list[str], seeds: list[int], sweep: dict) -> None:
         ("clip ratio (high)", "clip_ratio_high"),
     ]
     plots.plot_comparison(runs, panels, fig / "lengths_clip.png")
-    two_round = {k: v for k, v in runs.items() if k != LABELS["grpo"]}
+    two_round = {k: v for k, v in runs.items() if k != LABELS["grpo"].replace("**", "")}
     panels = [
         ("wrong→right (sampled)", "wrong_to_right"),
         ("right→wrong (sampled)", "right_to_wrong"),
