@@ -169,10 +169,15 @@ def evaluate(policy, prompt: str, out: Path, cfg, times: Times, name: str, data=
             times.timed(f"eval {name} {mode}", lambda: run(cmd, f"evaluate {name} ({mode})"))
 
 
+def run_name(arm: str, lr, seed: int) -> str:
+    """The folder name of one RL run (runs/, val/): the default run has no swept lr."""
+    return f"{arm}-s{seed}" if arm == "default" else f"{arm}-lr{lr:g}-s{seed}"
+
+
 def rl_run(arm: str, start: str, lr, seed: int, splits: dict, cfg, out: Path, times: Times) -> Path:
     """One train_grpo.py run of `arm` from `start` (resumed if interrupted); the path of its final policy."""
     _, flags, _ = ARMS[arm]
-    name = f"{arm}-s{seed}" if arm == "default" else f"{arm}-lr{lr:g}-s{seed}"
+    name = run_name(arm, lr, seed)
     run_dir = out / "runs" / name
     if final_policy(run_dir) is None:
         cmd = ["train_grpo.py", "--model", start, "--cache_dir", cfg.cache_dir, "--seed", seed, "--out_dir", run_dir]
@@ -194,7 +199,7 @@ def choose_lr(arm: str, lrs: list[float], seed: int, starts: dict, splits: dict,
     scores = {}
     for lr in lrs if len(lrs) > 1 else []:
         policy = rl_run(arm, starts[start, seed], lr, seed, splits, cfg, out, times)
-        val = out / "val" / f"{arm}-lr{lr:g}-s{seed}"
+        val = out / "val" / run_name(arm, lr, seed)
         evaluate(policy, prompt, val, cfg, times, f"{arm}-lr{lr:g} (val)", data=splits["val"], sampled=False)
         scores[lr] = json.loads((val / "greedy" / "results.json").read_text())["accuracy"]
     best = max(lrs, key=lambda lr: (scores[lr], -lr)) if scores else lrs[0]
@@ -332,10 +337,11 @@ def plot(out: Path, arms: list[str], seeds: list[int], sweep: dict) -> None:
     from nanosrpo import plots
 
     def dirs(arm):
-        name = (lambda s: f"{arm}-s{s}") if arm == "default" else (lambda s: f"{arm}-lr{sweep[arm]['chosen']:g}-s{s}")
         if arm != "default" and arm not in sweep:
             return []
-        return [out / "runs" / name(s) for s in seeds if (out / "runs" / name(s) / "metrics.jsonl").exists()]
+        lr = sweep.get(arm, {}).get("chosen")
+        runs = [out / "runs" / run_name(arm, lr, s) for s in seeds]
+        return [d for d in runs if (d / "metrics.jsonl").exists()]
 
     runs = {LABELS[a].replace("**", ""): dirs(a) for a in ("grpo", "two_step", "srpo", "default") if a in arms}
     runs = {k: v for k, v in runs.items() if v}

@@ -9,7 +9,7 @@ and a one-round response is just `<think>R1</think> <answer>A1</answer>`. The re
 
     total = format + accuracy + I_ref + I_eff + alpha * f_len
 
-Three variants are implemented side by side so they can be compared in ablations:
+Four variants are implemented side by side so they can be compared in ablations:
   "paper" - the equations as written in the paper (the default),
   "code"  - what the released OpenRLHF reward function actually computed,
   "grpo"  - the plain one-round GRPO baseline (format + accuracy),
