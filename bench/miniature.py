@@ -22,10 +22,11 @@ RL arms, train_grpo.py from their start with the same budget (--rl_steps at the 
   srpo         sft-only  the paper's reward          SRPO
   Table 4, only when asked for: srpo_no_eff (--use_effectiveness false), srpo_no_len (--use_length false),
   srpo_code (--reward_variant code); default: the main command's own settings from sft-only (no sweep).
-The learning rate: every RL arm runs each of --lrs on the first seed; evaluate.py (greedy) scores each run on the
-validation split, the training questions curate.py keeps out of every SFT's data (its --val_fraction split by
-question) and RL trains without (every arm trains on the rest); the best value (ties: the smaller) is the arm's lr on
-every seed, and its sweep run is the first seed's table run. The held-out eval split is never used to choose.
+The learning rate: every RL arm runs each of --lrs on the first seed, and each run scores itself greedy on the
+validation split at its last step (train_grpo.py's in-run eval; it evaluates only at the start and the end here). That
+split is the training questions curate.py keeps out of every SFT's data (its --val_fraction split by question) and RL
+trains without (every arm trains on the rest). The best value (ties: the smaller) is the arm's lr on every seed, and its
+sweep run is the first seed's table run. The held-out eval split is never used to choose.
 Evaluation: evaluate.py on the held-out split, greedy and --n_samples at temperature 1.0.
 Writes <out_dir>/table.md (Table 3's layout: mean and range over seeds, what RL added over its own start, the
 comparisons stated), results.json, lr_sweep.json, times.json (wall seconds per stage) and figures/*.png.
@@ -100,7 +101,7 @@ class MiniatureConfig:
         default="2e-5,5e-5,1e-4",
         metadata={"help": "learning rates swept per RL arm on the first seed (one value: no sweep)"},
     )
-    n_samples: int = field(default=4, metadata={"help": "sampled responses per eval problem (temperature 1.0)"})
+    n_samples: int = field(default=2, metadata={"help": "sampled responses per eval problem (temperature 1.0)"})
     report_only: bool = field(default=False, metadata={"help": "only (re)write table.md and the figures"})
 
 
@@ -156,21 +157,17 @@ def write_splits(cache_dir: str, out: Path) -> dict[str, Path]:
     return paths
 
 
-def evaluate(policy, prompt: str, out: Path, cfg, times: Times, name: str, data=None, sampled=True) -> None:
-    """evaluate.py greedy (and n_samples at temperature 1.0) on `data` (default: the held-out split); skips what is
-    done."""
-    modes = [("greedy", [])] + (
-        [("sampled", ["--temperature", "1.0", "--n_samples", cfg.n_samples])] if sampled else []
-    )
-    for mode, flags in modes:
+def evaluate(policy, prompt: str, out: Path, cfg, times: Times, name: str) -> None:
+    """evaluate.py on the held-out split, greedy and n_samples at temperature 1.0; skips what is done."""
+    for mode, flags in [("greedy", []), ("sampled", ["--temperature", "1.0", "--n_samples", cfg.n_samples])]:
         if not (out / mode / "results.json").exists():
             cmd = ["evaluate.py", "--model", policy, "--prompt", prompt, "--cache_dir", cfg.cache_dir]
-            cmd += ["--out_dir", out / mode, *(["--data", data] if data else []), *flags]
+            cmd += ["--out_dir", out / mode, *flags]
             times.timed(f"eval {name} {mode}", lambda: run(cmd, f"evaluate {name} ({mode})"))
 
 
 def run_name(arm: str, lr, seed: int) -> str:
-    """The folder name of one RL run (runs/, val/): the default run has no swept lr."""
+    """The folder name of one RL run in runs/: the default run has no swept lr."""
     return f"{arm}-s{seed}" if arm == "default" else f"{arm}-lr{lr:g}-s{seed}"
 
 
@@ -184,24 +181,31 @@ def rl_run(arm: str, start: str, lr, seed: int, splits: dict, cfg, out: Path, ti
         cmd += ["--resume", "true", *flags]
         if arm != "default":  # the same budget for every arm, sampled at the paper's temperature, on rl_train
             cmd += ["--temperature", "1.0", "--lr", lr, "--data", splits["train"], "--eval_data", splits["val"]]
-            cmd += ["--max_steps", cfg.rl_steps] if cfg.rl_steps else []
+            # the whole validation split, greedy, at the start and the last step only: the last is the sweep's judge
+            cmd += ["--eval_size", sum(1 for _ in open(splits["val"]))]
+            cmd += ["--max_steps", cfg.rl_steps, "--eval_every", cfg.rl_steps] if cfg.rl_steps else []
         times.timed(f"rl {name}", lambda: run(cmd, f"{LABELS[arm]}, lr {lr}, seed {seed}"))
         (run_dir / "DONE").write_text("finished\n")
     return final_policy(run_dir)
 
 
+def final_val_accuracy(run_dir: Path) -> float:
+    """The greedy accuracy on the validation split that a finished run logged at its last step (train_grpo.py's
+    in-run eval: the same decoding and scoring as evaluate.py, on the whole split, so no second pass is needed)."""
+    evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval_accuracy" in r]
+    return evals[-1]["eval_accuracy"]
+
+
 def choose_lr(arm: str, lrs: list[float], seed: int, starts: dict, splits: dict, cfg, out: Path, times: Times):
-    """The sweep: the arm at every lr on `seed`, each judged greedy on the validation split; the best (ties: the
-    smaller). Recorded in out/lr_sweep.json."""
+    """The sweep: the arm at every lr on `seed`, each judged by its greedy accuracy on the validation split at its
+    last step; the best (ties: the smaller). Recorded in out/lr_sweep.json."""
     if arm == "default":
         return None
-    start, _, prompt = ARMS[arm]
+    start = ARMS[arm][0]
     scores = {}
     for lr in lrs if len(lrs) > 1 else []:
-        policy = rl_run(arm, starts[start, seed], lr, seed, splits, cfg, out, times)
-        val = out / "val" / run_name(arm, lr, seed)
-        evaluate(policy, prompt, val, cfg, times, f"{arm}-lr{lr:g} (val)", data=splits["val"], sampled=False)
-        scores[lr] = json.loads((val / "greedy" / "results.json").read_text())["accuracy"]
+        rl_run(arm, starts[start, seed], lr, seed, splits, cfg, out, times)
+        scores[lr] = final_val_accuracy(out / "runs" / run_name(arm, lr, seed))
     best = max(lrs, key=lambda lr: (scores[lr], -lr)) if scores else lrs[0]
     sweep_path = out / "lr_sweep.json"
     sweep = json.loads(sweep_path.read_text()) if sweep_path.exists() else {}
@@ -343,7 +347,10 @@ def plot(out: Path, arms: list[str], seeds: list[int], sweep: dict) -> None:
         runs = [out / "runs" / run_name(arm, lr, s) for s in seeds]
         return [d for d in runs if (d / "metrics.jsonl").exists()]
 
-    runs = {LABELS[a].replace("**", ""): dirs(a) for a in ("grpo", "two_step", "srpo", "default") if a in arms}
+    def plain(arm):  # the label without its markdown
+        return LABELS[arm].replace("**", "")
+
+    runs = {plain(a): dirs(a) for a in ("grpo", "two_step", "srpo", "default") if a in arms}
     runs = {k: v for k, v in runs.items() if v}
     if not runs:
         return
@@ -360,7 +367,7 @@ def plot(out: Path, arms: list[str], seeds: list[int], sweep: dict) -> None:
         ("clip ratio (high)", "clip_ratio_high"),
     ]
     plots.plot_comparison(runs, panels, fig / "lengths_clip.png")
-    two_round = {k: v for k, v in runs.items() if k != LABELS["grpo"].replace("**", "")}
+    two_round = {k: v for k, v in runs.items() if k != plain("grpo")}
     panels = [
         ("wrong→right (sampled)", "wrong_to_right"),
         ("right→wrong (sampled)", "right_to_wrong"),

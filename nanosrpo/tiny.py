@@ -343,8 +343,9 @@ def ensure_policy(
             )
             subprocess.run(cur, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)  # its summary is in out/
         sft_data = ["--data", str(sft_file)]
-    flags = RECIPE["base" if stage == "base" else "reflect"]  # plain CoT: the cold start's steps and rate
-    cmd = [sys.executable, str(repo / "train_sft.py"), "--stage", "base" if stage == "base" else "reflect"]
+    sft_stage = "base" if stage == "base" else "reflect"  # plain CoT trains as the cold start: its steps and rate
+    flags = RECIPE[sft_stage]
+    cmd = [sys.executable, str(repo / "train_sft.py"), "--stage", sft_stage]
     cmd += [*world, *base, "--out_dir", str(tmp), *sft_data, *flags]
     print(
         f"building the tiny {stage} policy once (train_sft.py {' '.join(flags)}"

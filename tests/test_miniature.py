@@ -3,6 +3,7 @@ choice, what counts as a finished run, bad --arms."""
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -77,20 +78,41 @@ def test_validation_split_is_curates_and_disjoint(tmp_path):
 
 def test_the_sweep_picks_the_best_validation_score_ties_to_the_smaller(tmp_path, monkeypatch):
     scores = {1e-5: 0.7, 2e-5: 0.8, 5e-5: 0.8}
-    monkeypatch.setattr(miniature, "rl_run", lambda arm, start, lr, *a: f"policy-{lr:g}")
+    val = tmp_path / "val.jsonl"
+    val.write_text("{}\n" * 7)
 
-    def evaluate(policy, prompt, out, *a, **k):  # evaluate.py's results.json, as the validation eval writes it
-        _results(out / "greedy", scores[float(policy.split("-", 1)[1])])
+    def rl_run(arm, start, lr, seed, splits, cfg, out, times):  # train_grpo.py's metrics.jsonl, evals at both ends
+        run_dir = out / "runs" / miniature.run_name(arm, lr, seed)
+        run_dir.mkdir(parents=True)
+        rows = [{"step": 0, "eval_accuracy": 0.9}, {"step": 1, "accuracy": 0.95}]  # the start's score is not the run's
+        rows += [{"step": 2, "loss": 0.1, "eval_accuracy": scores[lr]}, {"step": 2, "note": "a line without an eval"}]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    monkeypatch.setattr(miniature, "evaluate", evaluate)
+    monkeypatch.setattr(miniature, "rl_run", rl_run)
     cfg, times = miniature.MiniatureConfig(), miniature.Times(tmp_path / "times.json")
-    starts = {("sft-only", 0): "start"}
-    assert miniature.choose_lr("srpo", sorted(scores), 0, starts, {"val": "v"}, cfg, tmp_path, times) == 2e-5
+    starts, splits = {("sft-only", 0): "start"}, {"val": val}
+    assert miniature.choose_lr("srpo", sorted(scores), 0, starts, splits, cfg, tmp_path, times) == 2e-5
     sweep = json.loads((tmp_path / "lr_sweep.json").read_text())["srpo"]
     assert sweep == {"seed": 0, "val_accuracy": {"1e-05": 0.7, "2e-05": 0.8, "5e-05": 0.8}, "chosen": 2e-5}
-    assert (
-        miniature.choose_lr("srpo", [3e-5], 0, starts, {"val": "v"}, cfg, tmp_path, times) == 3e-5
-    )  # one value: no sweep
+    assert miniature.choose_lr("srpo", [3e-5], 0, starts, splits, cfg, tmp_path, times) == 3e-5  # one value: no sweep
+
+
+def test_rl_runs_eval_the_whole_validation_split_at_both_ends_only(tmp_path, monkeypatch):
+    val = tmp_path / "val.jsonl"
+    val.write_text("{}\n" * 7)
+    ran = []
+
+    def run(cmd, what):  # train_grpo.py, as far as rl_run sees it: its command, and an out_dir
+        ran.append([str(c) for c in cmd])
+        Path(cmd[cmd.index("--out_dir") + 1]).mkdir(parents=True)
+
+    monkeypatch.setattr(miniature, "run", run)
+    monkeypatch.setattr(miniature, "final_policy", lambda run_dir: run_dir / "policy" if ran else None)
+    cfg, times = miniature.MiniatureConfig(rl_steps=30), miniature.Times(tmp_path / "times.json")
+    miniature.rl_run("srpo", "start", 5e-5, 1, {"train": "t", "val": val}, cfg, tmp_path, times)
+    flags = dict(zip(ran[0][1::2], ran[0][2::2]))  # after the script's name: flag value pairs
+    assert flags["--eval_size"] == "7" and flags["--eval_every"] == flags["--max_steps"] == "30"
+    assert flags["--eval_data"] == str(val) and flags["--lr"] == "5e-05" and flags["--seed"] == "1"
 
 
 def test_a_run_counts_as_finished_only_with_its_marker(tmp_path):
