@@ -34,7 +34,6 @@ comparisons stated), results.json, lr_sweep.json, times.json (wall seconds per s
 
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -107,7 +106,7 @@ class MiniatureConfig:
 
 def run(cmd: list, what: str) -> None:
     print(f"\n=== {what}: {' '.join(str(c) for c in cmd)}", flush=True)
-    subprocess.run([sys.executable, *map(str, cmd)], cwd=REPO, check=True)
+    tiny.run_child([sys.executable, *cmd], what, cwd=REPO)
 
 
 class Times:

@@ -341,7 +341,7 @@ def ensure_policy(
                 f"cached in {out}",
                 flush=True,
             )
-            subprocess.run(cur, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)  # its summary is in out/
+            run_child(cur, "curate.py", cwd=repo, env=env, stdout=subprocess.DEVNULL)  # its summary is in out/
         sft_data = ["--data", str(sft_file)]
     sft_stage = "base" if stage == "base" else "reflect"  # plain CoT trains as the cold start: its steps and rate
     flags = RECIPE[sft_stage]
@@ -352,7 +352,7 @@ def ensure_policy(
         f"{' on the curated data' if curated else ''}), cached in {dest}",
         flush=True,
     )
-    subprocess.run(cmd, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)  # the bars are on stderr
+    run_child(cmd, f"building the tiny {stage} policy", cwd=repo, env=env, stdout=subprocess.DEVNULL)  # bars: stderr
     ckpt = latest_checkpoint(tmp)
     shutil.rmtree(run_dir, ignore_errors=True)
     tmp.rename(run_dir)
@@ -360,6 +360,18 @@ def ensure_policy(
     for done in run_dir.glob("checkpoint-*"):  # optimizer states etc.: nobody resumes a finished tiny run
         shutil.rmtree(done, ignore_errors=True)
     return str(dest)
+
+
+def run_child(cmd: list, what: str, **kwargs) -> None:
+    """Run one of the project's scripts as a child process (subprocess.run's kwargs). If it fails, this process ends
+    in one line (a SystemExit config.run prints) and not a CalledProcessError traceback: the child has already said
+    what went wrong, just above."""
+    import subprocess
+
+    status = subprocess.run([str(c) for c in cmd], **kwargs).returncode
+    if status:
+        command = " ".join(str(c) for c in cmd)
+        raise SystemExit(f"error: {what} failed with exit status {status} (its own message is above): {command}")
 
 
 def _child_env() -> dict:

@@ -56,6 +56,18 @@ def test_bad_record_names_file_line_and_field(tiny_dir, tmp_path):
     assert lines[-1] == f"error: {bad}:2: field 'answer' is missing or empty"
 
 
+def test_a_failing_child_ends_the_parent_in_one_line():
+    """tiny.ensure_policy and bench/miniature.py run the scripts as children: a child's failure is its own line, then
+    one line from the parent naming the command, and no CalledProcessError traceback."""
+    child = "import sys; sys.exit('error: the child says why')"
+    parent = "from nanosrpo import config, tiny; import sys; "
+    parent += f"config.run(lambda: tiny.run_child([sys.executable, '-c', {child!r}], 'the child'))"
+    code, lines = run("-c", parent)
+    assert code == 1 and not any("Traceback" in line for line in lines)
+    assert lines[-2] == "error: the child says why"
+    assert lines[-1].startswith("error: the child failed with exit status 1 (its own message is above): ")
+
+
 def test_missing_model_directory(tmp_path):
     code, lines = run(
         "train_grpo.py",
