@@ -8,7 +8,8 @@ ablations), each over several pipeline seeds, every RL arm at the learning rate 
 
 A pipeline seed S varies the whole pipeline, not only RL: the base build (`train_sft.py --stage base --seed S`),
 curate.py's sampled attempts (`--seed S`), both SFTs (`--seed S`) and every RL run (`--seed S`). Seed 0 is the
-default world's, shared with the main command. Each stage is the project's own script, run as a child process.
+default world's, shared with the main command. Each stage is the project's own script, run as a child process (the
+evals: evaluate.py's main() in this process).
 Starting policies, per seed (tiny.ensure_policy(..., seed=S), cached in the tiny world like the main command's):
   base      the tiny base (stands in for the pretrained Instruct model)
   cot-sft   plain-CoT SFT: the base trained on the one-round twins of the curated records (a correct attempt as it
@@ -157,12 +158,28 @@ def write_splits(cache_dir: str, out: Path) -> dict[str, Path]:
 
 
 def evaluate(policy, prompt: str, out: Path, cfg, times: Times, name: str) -> None:
-    """evaluate.py on the held-out split, greedy and n_samples at temperature 1.0; skips what is done."""
+    """evaluate.py on the held-out split, greedy and n_samples at temperature 1.0; skips what is done.
+
+    Unlike the other stages, in this process (evaluate.py's main()): the 48 evals of a full table are seconds each,
+    and a child's start-up (imports, about 3 s) would add minutes. It changes no result: main() seeds its own
+    sampling, as a child would."""
     for mode, flags in [("greedy", []), ("sampled", ["--temperature", "1.0", "--n_samples", cfg.n_samples])]:
         if not (out / mode / "results.json").exists():
-            cmd = ["evaluate.py", "--model", policy, "--prompt", prompt, "--cache_dir", cfg.cache_dir]
-            cmd += ["--out_dir", out / mode, *flags]
-            times.timed(f"eval {name} {mode}", lambda: run(cmd, f"evaluate {name} ({mode})"))
+            argv = ["--model", policy, "--prompt", prompt, "--cache_dir", cfg.cache_dir, "--out_dir", out / mode]
+            argv = [str(a) for a in [*argv, *flags]]
+            print(f"\n=== evaluate {name} ({mode}): evaluate.py {' '.join(argv)}", flush=True)
+            times.timed(f"eval {name} {mode}", lambda: evaluate_script().main(argv))
+
+
+def evaluate_script():
+    """evaluate.py as a module, loaded from its file (`import evaluate` could find Hugging Face's library instead)."""
+    import importlib.util
+
+    if "nanosrpo_evaluate" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("nanosrpo_evaluate", REPO / "evaluate.py")
+        sys.modules["nanosrpo_evaluate"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["nanosrpo_evaluate"])
+    return sys.modules["nanosrpo_evaluate"]
 
 
 def run_name(arm: str, lr, seed: int) -> str:
