@@ -198,7 +198,7 @@ def rl_run(arm: str, start: str, lr, seed: int, splits: dict, cfg, out: Path, ti
         if arm != "default":  # the same budget for every arm, sampled at the paper's temperature, on rl_train
             cmd += ["--temperature", "1.0", "--lr", lr, "--data", splits["train"], "--eval_data", splits["val"]]
             # the whole validation split, greedy, at the start and the last step only: the last is the sweep's judge
-            cmd += ["--eval_size", sum(1 for _ in open(splits["val"]))]
+            cmd += ["--eval_size", len(Path(splits["val"]).read_text().splitlines())]
             cmd += ["--max_steps", cfg.rl_steps, "--eval_every", cfg.rl_steps] if cfg.rl_steps else []
         times.timed(f"rl {name}", lambda: run(cmd, f"{LABELS[arm]}, lr {lr}, seed {seed}"))
         (run_dir / "DONE").write_text("finished\n")
